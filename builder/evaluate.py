@@ -1,0 +1,141 @@
+"""Evaluation: retrieval metrics over held-out questions (and, with the LLM stage, answer metrics).
+
+Every evaluator returns ``dict[str, float]``; the primary retrieval metric is ``mrr@10``.
+
+Relevance: a chunk is relevant to a question when it comes from the question's source document and contains
+the gold answer (case- and whitespace-normalized). Where no chunk of that document contains the answer
+verbatim, every chunk of the source document is relevant (the document is the unit). A question with no
+source counts chunks from any document that contain the answer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from typing import Sequence
+
+KS = (1, 5, 10)
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def relevant_chunks(question: dict, chunks: Sequence[dict], by_source: dict[str, list[int]] | None = None) -> set[int]:
+    """Positions of the chunks relevant to one question ({"question", "answer", "source"?})."""
+    answer = normalize(question.get("answer", ""))
+    source = question.get("source")
+    if by_source is None:
+        by_source = group_by_source(chunks)
+    if source:
+        pool = by_source.get(source, [])
+        hits = {i for i in pool if answer and answer in normalize(chunks[i]["text"])}
+        return hits or set(pool)
+    return {i for i, c in enumerate(chunks) if answer and answer in normalize(c["text"])}
+
+
+def group_by_source(chunks: Sequence[dict]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, c in enumerate(chunks):
+        out.setdefault(c["source"], []).append(i)
+    return out
+
+
+def retrieval_metrics(rankings: Sequence[Sequence[int]], relevant: Sequence[set[int]]) -> dict[str, float]:
+    """recall@k (a relevant chunk in the top k), MRR@10 and nDCG@10 (binary gains), averaged over questions
+    that have at least one relevant chunk."""
+    totals = Counter()
+    n = 0
+    for ranked, rel in zip(rankings, relevant):
+        if not rel:
+            continue
+        n += 1
+        ranked = list(ranked)
+        for k in KS:
+            totals[f"recall@{k}"] += float(any(r in rel for r in ranked[:k]))
+        rr = 0.0
+        for pos, r in enumerate(ranked[:10], start=1):
+            if r in rel:
+                rr = 1.0 / pos
+                break
+        totals["mrr@10"] += rr
+        dcg = sum(1.0 / math.log2(pos + 1) for pos, r in enumerate(ranked[:10], start=1) if r in rel)
+        idcg = sum(1.0 / math.log2(pos + 1) for pos in range(1, min(len(rel), 10) + 1))
+        totals["ndcg@10"] += dcg / idcg if idcg else 0.0
+    keys = [f"recall@{k}" for k in KS] + ["mrr@10", "ndcg@10"]
+    out = {k: round(totals[k] / n, 4) if n else 0.0 for k in keys}
+    out["questions"] = float(n)
+    return out
+
+
+def evaluate_retriever(retriever, questions: Sequence[dict], mode: str | None = None, k: int = 10,
+                       batch_size: int = 64) -> dict[str, float]:
+    """Score a serving.retrieval.Retriever (in the given mode) on questions with gold answers."""
+    by_source = group_by_source(retriever.chunks)
+    rel = [relevant_chunks(q, retriever.chunks, by_source) for q in questions]
+    rankings: list[list[int]] = []
+    for start in range(0, len(questions), batch_size):
+        batch = [q["question"] for q in questions[start:start + batch_size]]
+        rankings.extend([[pos for pos, _ in r] for r in retriever.rank(batch, k, mode)])
+    return retrieval_metrics(rankings, rel)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+
+def _squad_normalize(text: str) -> str:
+    text = text.lower()
+    text = re.sub(r"\[\d+\]", " ", text)  # citation markers are not part of the answer
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(_squad_normalize(prediction) == _squad_normalize(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    p, g = _squad_normalize(prediction).split(), _squad_normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = Counter(p) & Counter(g)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, gold: str) -> float:
+    """ROUGE-L F-measure over normalized tokens (longest common subsequence)."""
+    p, g = _squad_normalize(prediction).split(), _squad_normalize(gold).split()
+    if not p or not g:
+        return 0.0
+    prev = [0] * (len(g) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(g, start=1):
+            cur.append(prev[j - 1] + 1 if a == b else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def retrieval_report(bundle, questions: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Metrics for every retriever a bundle can serve: BM25, dense (its embedder) and the served mode.
+
+    The embedder issue extends this with the base embedder next to the fine-tuned one."""
+    from serving.retrieval import Retriever
+
+    retriever = Retriever.load(bundle.path)
+    served = retriever.mode
+    out = {"bm25": evaluate_retriever(retriever, questions, mode="bm25"),
+           "finetuned": evaluate_retriever(retriever, questions, mode="dense")}
+    out["served"] = evaluate_retriever(retriever, questions, mode=served)
+    out["served"]["mode"] = served  # type: ignore[assignment]
+    return out

@@ -1,0 +1,188 @@
+"""The build: knowledge folder -> versioned bundle. Each stage is a plain function in its own module.
+
+    assistant build knowledge --profile tiny --out /tmp/bundles
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from builder import chunk as chunk_stage
+from builder import datagen, embedder, index, ingest, llm
+from builder.bundle import BundleWriter, make_bundle_id, now_iso, version
+from builder.config import BuildConfig, dumps
+from builder.device import get_device, set_threads
+from builder.evaluate import evaluate_retriever
+from builder.log import say, step
+from builder.models import build_tiny_bert, build_tiny_llama, folder_sha256, resolve_embedder, resolve_llm
+
+
+class NothingToIngest(RuntimeError):
+    """The knowledge folder holds no file that could be ingested."""
+
+
+def _drop_heldout_blocks(documents: list[ingest.Document], held: set[str]) -> list[ingest.Document]:
+    """Held-out question/answer pairs are evaluation data: they are not indexed, so they cannot leak."""
+    out = []
+    for d in documents:
+        blocks = [b for b in d.blocks if not (b.kind == "qa" and b.headings and b.headings[-1] in held)]
+        if blocks:
+            out.append(replace(d, blocks=blocks))
+    return out
+
+
+def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
+          questions_file: str | Path | None = None) -> Path:
+    """Run every stage and return the committed bundle's path."""
+    t0 = time.perf_counter()
+    set_threads()
+    knowledge_dir = Path(knowledge_dir)
+    device = get_device(cfg.device)
+    timing: dict[str, float] = {}
+
+    with step(f"ingest {knowledge_dir}") as s:
+        res = ingest.run(cfg.ingest, knowledge_dir, log=say)
+    timing["ingest_s"] = s["seconds"]
+    say(f"    {res.summary()}")
+    if not res.documents:
+        raise NothingToIngest(
+            f"nothing to ingest in {knowledge_dir}: {len(res.errors)} files failed, {len(res.skipped)} "
+            f"unsupported. Supported: .md .txt .html .pdf .docx .csv *.qa.jsonl")
+    extra_train = datagen.read_questions(questions_file) if questions_file else []
+
+    config_json = dumps(cfg)
+    bundle_id = make_bundle_id(knowledge_dir, [f["sha256"] or "" for f in res.files], config_json)
+    writer = BundleWriter(Path(out_dir), bundle_id)
+    try:
+        qa = [datagen.qa_to_dict(p) for p in res.qa_pairs]
+        qa_train, qa_held = datagen.split_questions(qa, cfg.datagen.holdout_fraction, cfg.seed)
+        documents = _drop_heldout_blocks(res.documents, {q["question"] for q in qa_held})
+        train_questions = qa_train + extra_train
+        writer.write_jsonl("eval/heldout.jsonl", qa_held)
+        corpus = [d.text for d in documents]
+
+        # Base embedder: the tiny one is random and built here, so it travels in the bundle.
+        if cfg.embedder.base_model == "tiny":
+            base_emb = build_tiny_bert(corpus, writer.path("embedder-base"), seed=cfg.seed)
+            base_emb_ref = {"name": "tiny", "path": "embedder-base"}
+        else:
+            base_emb = Path(resolve_embedder(cfg.embedder.base_model))
+            base_emb_ref = {"name": cfg.embedder.base_model, "path": str(base_emb)}
+
+        with step("chunk") as s:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(base_emb))
+            chunks = [c.to_dict() for c in chunk_stage.run(cfg.chunk, documents, chunk_stage.hf_token_counter(tok))]
+        timing["chunk_s"] = s["seconds"]
+        say(f"    {len(chunks)} chunks, at most {max(c['n_tokens'] for c in chunks)} tokens")
+
+        with step("embedder") as s:
+            emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.path("embedder"),
+                                    writer.path("data"), device=device)
+        timing["embedder_s"] = s["seconds"]
+        emb_info["base"] = base_emb_ref
+
+        with step("index") as s:
+            index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device)
+        timing["index_s"] = s["seconds"]
+
+        with step("evaluate retrieval") as s:
+            retrieval_metrics, mode = _evaluate_retrieval(cfg, writer, qa_held)
+        timing["eval_retrieval_s"] = s["seconds"]
+
+        with step("llm") as s:
+            if cfg.llm.base_model == "tiny":
+                base_llm = build_tiny_llama(corpus, writer.path("llm", "base"), seed=cfg.seed)
+                llm_ref = {"name": "tiny", "path": "llm/base"}
+            else:
+                base_llm = resolve_llm(cfg.llm.base_model)
+                llm_ref = {"name": cfg.llm.base_model, "path": str(base_llm)}
+                if Path(str(base_llm)).is_dir():
+                    llm_ref["sha256"] = folder_sha256(Path(base_llm))
+            writer.write_json("llm/base.json", llm_ref)
+            llm_info = llm.run(cfg, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device)
+        timing["llm_s"] = s["seconds"]
+        llm_info["base"] = llm_ref
+        timing["total_s"] = round(time.perf_counter() - t0, 2)
+
+        metrics = {"retrieval": retrieval_metrics, **({"answers": llm_info.pop("metrics")}
+                                                      if "metrics" in llm_info else {})}
+        writer.write_json("eval/metrics.json", metrics)
+        manifest = {
+            "bundle_id": bundle_id,
+            "created_at": now_iso(),
+            "builder_version": version(),
+            "profile": cfg.profile,
+            "config": json.loads(config_json),
+            "knowledge": {"root": str(knowledge_dir.resolve()), "files": res.files,
+                          "documents": len(res.documents), "qa_pairs": len(res.qa_pairs)},
+            "models": {"embedder": emb_info, "llm": llm_info},
+            "retrieval": {"mode": mode, "top_k": cfg.retrieval.top_k, "candidates": cfg.retrieval.candidates,
+                          "rrf_k": cfg.retrieval.rrf_k},
+            "index": index_info,
+            "data": {"train_questions": len(train_questions), "heldout_questions": len(qa_held),
+                     "extra_questions": len(extra_train), "chunks": len(chunks),
+                     "max_chunk_tokens": max(c["n_tokens"] for c in chunks)},
+            "errors": res.errors,
+            "warnings": res.warnings,
+            "skipped": res.skipped,
+            "metrics": metrics,
+            "timing": timing,
+        }
+        path = writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    say(f"==> bundle written in {timing['total_s']:.1f} s")
+    return path
+
+
+def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]) -> tuple[dict, str]:
+    """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10."""
+    from serving.retrieval import Retriever
+
+    retriever = _load_unfinished(writer)
+    metrics: dict[str, dict] = {}
+    if held:
+        for mode in Retriever.MODES:
+            metrics[mode] = evaluate_retriever(retriever, held, mode=mode)
+    chosen = cfg.retrieval.mode
+    if chosen == "auto":
+        if metrics:
+            chosen = max(("hybrid", "dense", "bm25"), key=lambda m: (metrics[m]["mrr@10"], m == "hybrid"))
+        else:
+            chosen = "hybrid"
+    metrics["served_mode"] = chosen  # type: ignore[assignment]
+    return metrics, chosen
+
+
+def _load_unfinished(writer: BundleWriter):
+    from sentence_transformers import SentenceTransformer
+
+    from serving.retrieval import BM25_DIR, FAISS_FILE, BM25Index, DenseIndex, Retriever, load_chunks, st_encoder
+
+    idx = writer.path("index")
+    chunks = load_chunks(idx)
+    model = SentenceTransformer(str(writer.path("embedder")), device="cpu")
+    return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
+                     BM25Index.load(idx / BM25_DIR, len(chunks)), mode="hybrid")
+
+
+def clean_stale_tmp(out_dir: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove temporary folders of builds killed more than a day ago."""
+    if not out_dir.is_dir():
+        return
+    now = time.time()
+    for p in out_dir.glob(".tmp-*"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+

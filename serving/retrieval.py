@@ -1,0 +1,217 @@
+"""Retrieval over a bundle's index: dense (FAISS inner product), BM25, and reciprocal rank fusion.
+
+The builder writes the index with these same functions and evaluates with this same Retriever, so what is
+measured is what is served.
+
+    python -c "from serving.retrieval import Retriever; r = Retriever.load('bundles/latest'); \
+print(r.search('When do I top-dress maize?')[0])"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+INDEX_DIR = "index"
+CHUNKS_FILE = "chunks.jsonl"
+FAISS_FILE = "dense.faiss"
+BM25_DIR = "bm25"
+
+_WORD = re.compile(r"[a-z0-9]+(?:[.,'][a-z0-9]+)*")
+# A short stop list: BM25 over small chunks is noticeably better without these, and it has to stay
+# identical between index time and query time, so it lives here and nowhere else.
+STOPWORDS = frozenset(
+    "a an the and or of to in on at for by with from as is are was were be been being it its this that these "
+    "those what which who whom how when where why do does did can could should would i you we they he she my "
+    "our your their me us them if so not no there here into about than then also may".split())
+
+
+def bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
+    return [[w for w in _WORD.findall(t.lower()) if w not in STOPWORDS] for t in texts]
+
+
+@dataclass
+class RetrievalResult:
+    chunk_id: str
+    source: str
+    location: str
+    title: str
+    text: str
+    score: float
+    rank: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60, weights: Sequence[float] | None = None,
+             limit: int | None = None) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: score(d) = sum_i w_i / (k + rank_i(d)), ranks starting at 1.
+
+    Ties keep the order in which documents were first seen (first ranking first), so the result is
+    deterministic.
+    """
+    weights = weights or [1.0] * len(rankings)
+    scores: dict[int, float] = {}
+    order: dict[int, int] = {}
+    for ranking, w in zip(rankings, weights):
+        for rank, doc in enumerate(ranking, start=1):
+            scores[doc] = scores.get(doc, 0.0) + w / (k + rank)
+            order.setdefault(doc, len(order))
+    fused = sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+    return fused[:limit] if limit else fused
+
+
+class BM25Index:
+    """bm25s over the chunk texts, with our tokenizer (so query and corpus are tokenized alike)."""
+
+    def __init__(self, retriever, n_docs: int):
+        self._r = retriever
+        self.n_docs = n_docs
+
+    @classmethod
+    def build(cls, texts: Sequence[str]) -> "BM25Index":
+        import bm25s
+
+        r = bm25s.BM25()
+        r.index(bm25_tokenize(texts), show_progress=False)
+        return cls(r, len(texts))
+
+    def save(self, folder: Path) -> None:
+        self._r.save(str(folder))
+
+    @classmethod
+    def load(cls, folder: Path, n_docs: int) -> "BM25Index":
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(folder)), n_docs)
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.n_docs)
+        docs, scores = self._r.retrieve(bm25_tokenize(queries), k=k, show_progress=False, n_threads=1)
+        return np.asarray(docs), np.asarray(scores)
+
+
+class DenseIndex:
+    """Normalized embeddings in an exact FAISS inner-product index (cosine similarity)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray) -> "DenseIndex":
+        import faiss
+
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        faiss.normalize_L2(emb)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        return cls(index)
+
+    def save(self, path: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "DenseIndex":
+        import faiss
+
+        return cls(faiss.read_index(str(path)))
+
+    def search(self, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        q = np.ascontiguousarray(query_emb, dtype=np.float32)
+        faiss.normalize_L2(q)
+        scores, ids = self.index.search(q, min(k, self.index.ntotal))
+        return ids, scores
+
+
+def load_chunks(index_dir: Path) -> list[dict]:
+    with open(index_dir / CHUNKS_FILE, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+Encoder = Callable[[Sequence[str]], np.ndarray]
+
+
+def st_encoder(model) -> Encoder:
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        return model.encode(list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
+                            show_progress_bar=False)
+    return encode
+
+
+class Retriever:
+    """Dense, BM25 or hybrid (RRF) search over one bundle's chunks."""
+
+    MODES = ("dense", "bm25", "hybrid")
+
+    def __init__(self, chunks: list[dict], encoder: Encoder | None, dense: DenseIndex | None,
+                 bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, rrf_k: int = 60):
+        if mode not in self.MODES:
+            raise ValueError(f"retrieval mode must be one of {self.MODES}, got {mode!r}")
+        self.chunks = chunks
+        self.encoder = encoder
+        self.dense = dense
+        self.bm25 = bm25
+        self.mode = mode
+        self.candidates = candidates
+        self.rrf_k = rrf_k
+        self.last_timing_ms: float = 0.0
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, mode: str | None = None, device: str = "cpu",
+             embedder_dir: str | Path | None = None) -> "Retriever":
+        """Load from a bundle folder; mode defaults to the one the manifest chose."""
+        from sentence_transformers import SentenceTransformer
+
+        bundle_dir = Path(bundle_dir).resolve()
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+        rcfg = manifest.get("retrieval", {})
+        index_dir = bundle_dir / INDEX_DIR
+        chunks = load_chunks(index_dir)
+        model = SentenceTransformer(str(embedder_dir or bundle_dir / "embedder"), device=device)
+        return cls(chunks, st_encoder(model), DenseIndex.load(index_dir / FAISS_FILE),
+                   BM25Index.load(index_dir / BM25_DIR, len(chunks)), mode=mode or rcfg.get("mode", "hybrid"),
+                   candidates=rcfg.get("candidates", 50), rrf_k=rcfg.get("rrf_k", 60))
+
+    def rank(self, queries: Sequence[str], k: int, mode: str | None = None) -> list[list[tuple[int, float]]]:
+        """Chunk positions and scores, best first, for each query."""
+        mode = mode or self.mode
+        n = max(k, self.candidates)
+        dense_ids = dense_scores = bm_ids = bm_scores = None
+        if mode in ("dense", "hybrid"):
+            emb = self.encoder(list(queries))
+            dense_ids, dense_scores = self.dense.search(emb, n)
+        if mode in ("bm25", "hybrid"):
+            bm_ids, bm_scores = self.bm25.search(queries, n)
+        out = []
+        for qi in range(len(queries)):
+            if mode == "dense":
+                out.append([(int(i), float(s)) for i, s in zip(dense_ids[qi], dense_scores[qi]) if i >= 0][:k])
+            elif mode == "bm25":
+                out.append([(int(i), float(s)) for i, s in zip(bm_ids[qi], bm_scores[qi]) if s > 0][:k])
+            else:
+                d = [int(i) for i in dense_ids[qi] if i >= 0]
+                b = [int(i) for i, s in zip(bm_ids[qi], bm_scores[qi]) if s > 0]
+                out.append(rrf_fuse([d, b], k=self.rrf_k, limit=k))
+        return out
+
+    def search(self, query: str, k: int = 4, mode: str | None = None) -> list[RetrievalResult]:
+        start = time.perf_counter()
+        ranked = self.rank([query], k, mode)[0]
+        self.last_timing_ms = (time.perf_counter() - start) * 1000
+        results = []
+        for rank, (pos, score) in enumerate(ranked, start=1):
+            c = self.chunks[pos]
+            results.append(RetrievalResult(c["chunk_id"], c["source"], c.get("location", ""), c.get("title", ""),
+                                           c["text"], round(score, 6), rank))
+        return results
