@@ -530,7 +530,11 @@ def run(cfg: IngestConfig, knowledge_dir: str | Path, log: Callable[[str], None]
         log(f"  warning  {path}: {message}")
 
     limit = int(cfg.max_file_mb * 1024 * 1024)
-    for path in iter_files(root, cfg.include_hidden, error):
+    from tqdm.auto import tqdm
+
+    # A progress bar on a terminal (tqdm hides itself when stderr is not a TTY, e.g. in CI logs).
+    for path in tqdm(list(iter_files(root, cfg.include_hidden, error)), desc="ingest", unit="file",
+                     disable=None, leave=False):
         rel = _rel(path, root)
         fmt = format_of(path)
         if fmt is None:

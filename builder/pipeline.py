@@ -85,7 +85,9 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.path("embedder"),
                                     writer.path("data"), device=device)
         timing["embedder_s"] = s["seconds"]
+        base_emb_ref["sha256"] = folder_sha256(Path(base_emb))
         emb_info["base"] = base_emb_ref
+        emb_info["sha256"] = folder_sha256(writer.path("embedder"))
 
         with step("index") as s:
             index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device)
@@ -102,12 +104,15 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             else:
                 base_llm = resolve_llm(cfg.llm.base_model)
                 llm_ref = {"name": cfg.llm.base_model, "path": str(base_llm)}
-                if Path(str(base_llm)).is_dir():
-                    llm_ref["sha256"] = folder_sha256(Path(base_llm))
+            if Path(str(base_llm)).is_dir():
+                llm_ref["sha256"] = folder_sha256(Path(base_llm))
             writer.write_json("llm/base.json", llm_ref)
             llm_info = llm.run(cfg, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device)
         timing["llm_s"] = s["seconds"]
         llm_info["base"] = llm_ref
+        for key in ("adapter", "merged"):
+            if llm_info.get(key) and writer.path(llm_info[key]).is_dir():
+                llm_info[f"{key}_sha256"] = folder_sha256(writer.path(llm_info[key]))
         timing["total_s"] = round(time.perf_counter() - t0, 2)
 
         metrics = {"retrieval": retrieval_metrics, **({"answers": llm_info.pop("metrics")}
