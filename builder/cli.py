@@ -65,6 +65,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="require this bearer key on the gateway and on vLLM (env ASSISTANT_API_KEY)")
     s.add_argument("--no-vllm", action="store_true",
                    help="generate with transformers in-process instead of starting vLLM (debugging only)")
+    s.add_argument("--vllm-log", metavar="FILE", default=None,
+                   help="where vLLM's output goes (default logs/vllm-VLLM_PORT.log)")
+    s.add_argument("--vllm-arg", metavar="ARG", action="append", default=[], dest="vllm_args",
+                   help="extra argument for vLLM, repeatable, e.g. --vllm-arg=--dtype --vllm-arg=float32")
+    s.add_argument("--ready-timeout", type=float, default=900.0,
+                   help="seconds to wait for vLLM to load the model (default 900)")
 
     a = sub.add_parser("ask", help="answer one question from a bundle, with cited sources")
     a.add_argument("question", help="the question")
@@ -135,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launcher import serve
 
     return serve(args.bundle, host=args.host, port=args.port, vllm_port=args.vllm_port, api_key=args.api_key,
-                 use_vllm=not args.no_vllm)
+                 use_vllm=not args.no_vllm, vllm_log=args.vllm_log, vllm_args=args.vllm_args,
+                 ready_timeout=args.ready_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,8 @@ class LLMConfig:
     merge: bool = _f(False, "Also write merged full weights (llm/merged) for engines where LoRA kernels are slow.")
     max_new_tokens: int = _f(96, "Longest generated answer.")
     min_gain: float = _f(0.0, "The adapter ships only if its held-out F1 beats the base model's by more than this.")
+    accelerate_config: str = _f("", "Train under `accelerate launch` with this config: a name from builder/accelerate/ "
+                                "(ddp, fsdp, deepspeed_zero2) or a path; empty: train in the build's own process.")
 
 
 @dataclass

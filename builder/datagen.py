@@ -2,18 +2,45 @@
 
 - ``split_questions``: a deterministic train / held-out split of question/answer pairs (by a hash of the
   question), so a rebuild holds out the same questions.
-- Embedder pairs (question or synthetic query, positive chunk, hard negatives) and retrieval-augmented chat
-  examples for the LLM are made by ``make_embedder_pairs`` and ``make_chat_examples``.
+- ``make_embedder_pairs``: (query, positive chunk, hard negatives) for the embedder, with no network and no
+  teacher required. Supervision comes first: every training question is matched to the chunk that holds its
+  answer. Synthetic queries fill in where supervision is thin: section headings and document titles for their
+  sections, inverse-cloze pairs (a sentence as the query, its chunk without the sentence as the positive) and,
+  when a teacher endpoint is configured, generated questions that survive a round-trip retrieval check.
+  Hard negatives come from the base embedder and BM25, fused; a candidate that contains the answer (or the
+  cloze sentence, or belongs to the heading's section) is a false negative and is dropped.
+
+    python -c "from builder.datagen import read_questions; print(len(read_questions('questions.jsonl')))"
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from builder.ingest import QAPair
+
+KINDS = ("question", "teacher", "heading", "title", "ict")
+
+# Inverse cloze: most of the time the sentence is cut from its chunk so the model must learn more than string
+# overlap; a few pairs keep it, as in Lee et al. (2019), so exact matches are not unlearned.
+ICT_KEEP_FRACTION = 0.1
+ICT_MIN_WORDS, ICT_MAX_WORDS = 6, 40
+# A positive found without the answer string in it (a paraphrased FAQ answer) is uncertain: a chunk of the same
+# document that the base embedder scores within this relative margin of it, or above, may be another paraphrase
+# of the answer, so it is not used as a negative.
+NEGATIVE_MARGIN = 0.05
+MINE_CANDIDATES = 30
+
+Encoder = Callable[[Sequence[str]], np.ndarray]
 
 
 def stable_fraction(key: str, seed: int = 0) -> float:
@@ -49,3 +76,363 @@ def read_questions(path: str | Path) -> list[dict]:
             out.append({"question": q, "answer": a, "source": obj.get("source") or None,
                         "origin": f"{Path(path).name}:{n}"})
     return out
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+
+@dataclass
+class EmbedderPair:
+    """One training example for the embedder. Chunks are referred to by their position in the chunk list."""
+
+    query: str
+    positive: int
+    kind: str  # one of KINDS
+    relevant: list[int]  # every chunk that answers the query (never used as a negative)
+    answer: str = ""  # a chunk containing this text (normalized) is relevant too
+    positive_text: str | None = None  # set where the positive is not the chunk's own text (inverse cloze)
+    exact: bool = True  # the positive was found by the answer string, not by word overlap
+    source: str | None = None  # the question's document, where it named one
+    negatives: list[int] = field(default_factory=list)
+
+    def text(self, chunks: Sequence[dict]) -> str:
+        return self.positive_text if self.positive_text is not None else chunks[self.positive]["text"]
+
+    def to_row(self, chunks: Sequence[dict], split: str) -> dict:
+        row = {"query": self.query, "kind": self.kind, "split": split,
+               "positive_chunk_id": chunks[self.positive]["chunk_id"],
+               "negative_chunk_ids": [chunks[i]["chunk_id"] for i in self.negatives]}
+        if self.positive_text is not None:
+            row["positive_text"] = self.positive_text
+        if self.answer and self.kind in ("question", "teacher"):
+            row["answer"] = self.answer
+        if self.source:
+            row["source"] = self.source
+        return row
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _content_words(text: str) -> set[str]:
+    from serving.retrieval import STOPWORDS
+
+    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
+
+
+def body_of(chunk: dict) -> tuple[str, str]:
+    """(header line, body): the chunker puts the title and heading path on the first line."""
+    head, _, body = chunk["text"].partition("\n")
+    return (head, body) if body else ("", head)
+
+
+def match_question(question: dict, chunks: Sequence[dict], norm_texts: Sequence[str],
+                   by_source: dict[str, list[int]], min_overlap: float = 0.5) -> tuple[list[int], int, bool] | None:
+    """(relevant positions, positive, exact) for one question, or None when nothing plausible holds the answer.
+
+    Exact: the chunks of the question's source (or of any document, without a source) that contain the answer.
+    Otherwise the chunk of the source sharing most of the answer's content words is the positive, and only it
+    is relevant; without a source it must share at least ``min_overlap`` of them.
+    """
+    answer = normalize(question.get("answer", ""))
+    source = question.get("source")
+    if source and source not in by_source:
+        source = None  # a source that was not ingested: fall back to the whole knowledge base
+    everything = list(by_source[source] if source else range(len(chunks)))
+    # Prose chunks first: a question/answer chunk restates a pair, it is the positive only when nothing else is.
+    pool = [i for i in everything if chunks[i].get("kind") != "qa"] or everything
+    hits = ([i for i in pool if answer and answer in norm_texts[i]]
+            or [i for i in everything if answer and answer in norm_texts[i]])
+    if hits:
+        return hits, _best_overlap(question, chunks, hits)[0], True
+    if not answer:
+        return None
+    best, overlap = _best_overlap(question, chunks, pool, answer_only=True)
+    if best is None or (not source and overlap < min_overlap):
+        return None
+    return [best], best, False
+
+
+def _best_overlap(question: dict, chunks: Sequence[dict], pool: Sequence[int],
+                  answer_only: bool = False) -> tuple[int | None, float]:
+    """The chunk sharing most content words with the answer (then the question); first one on ties."""
+    answer_words = _content_words(question.get("answer", ""))
+    question_words = _content_words(question.get("question", ""))
+    best, best_key = None, (-1.0, -1.0)
+    for i in pool:
+        words = _content_words(chunks[i]["text"])
+        a = len(answer_words & words) / len(answer_words) if answer_words else 0.0
+        q = len(question_words & words) / len(question_words) if question_words else 0.0
+        key = (a, q) if answer_only else (q, a)
+        if key > best_key:
+            best, best_key = i, key
+    return best, best_key[0]
+
+
+def question_pairs(questions: Sequence[dict], chunks: Sequence[dict], kind: str = "question"
+                   ) -> tuple[list[EmbedderPair], list[dict]]:
+    """Supervised pairs from question/answer dicts; returns (pairs, questions that matched no chunk)."""
+    norm_texts = [normalize(c["text"]) for c in chunks]
+    by_source: dict[str, list[int]] = {}
+    for i, c in enumerate(chunks):
+        by_source.setdefault(c["source"], []).append(i)
+    pairs, unmatched = [], []
+    for q in questions:
+        found = match_question(q, chunks, norm_texts, by_source)
+        if found is None:
+            unmatched.append(q)
+            continue
+        relevant, positive, exact = found
+        pairs.append(EmbedderPair(q["question"], positive, kind, relevant, answer=q.get("answer", ""), exact=exact,
+                                  source=q.get("source")))
+    return pairs, unmatched
+
+
+def heading_pairs(chunks: Sequence[dict]) -> list[EmbedderPair]:
+    """A section heading (with its document title) asks for its section's first chunk; a document's title for
+    its first chunk. Question/answer chunks are skipped: their heading is the question, already supervised."""
+    sections: dict[tuple[str, str], list[int]] = {}
+    first_of_doc: dict[str, int] = {}
+    for i, c in enumerate(chunks):
+        if c.get("kind") == "qa":
+            continue
+        sections.setdefault((c["source"], c.get("location", "")), []).append(i)
+        first_of_doc.setdefault(c["source"], i)
+    pairs = []
+    titled: set[str] = set()
+    for (source, location), members in sections.items():
+        title = chunks[members[0]].get("title", "").strip()
+        heading = location.split(" > ")[-1].strip() if location else ""
+        heading = re.sub(r"^page \d+,?\s*", "", heading)
+        if heading and heading != title:
+            query = f"{title}: {heading}" if title else heading
+            pairs.append(EmbedderPair(query, members[0], "heading", list(members)))
+        elif title and source not in titled and first_of_doc[source] == members[0]:
+            titled.add(source)
+            pairs.append(EmbedderPair(title, members[0], "title", list(members)))
+    return pairs
+
+
+def ict_candidates(chunk: dict) -> list[str]:
+    """Sentences of a chunk's body that make reasonable cloze queries (not too short, not too long)."""
+    from builder.chunk import split_sentences
+
+    _, body = body_of(chunk)
+    sentences = split_sentences(body)
+    if len(sentences) < 2:
+        return []
+    return [s for s in sentences if ICT_MIN_WORDS <= len(s.split()) <= ICT_MAX_WORDS]
+
+
+def ict_pair(chunks: Sequence[dict], pos: int, sentence: str, keep: bool) -> EmbedderPair:
+    head, body = body_of(chunks[pos])
+    rest = body if keep else re.sub(r"[ \t]{2,}", " ", body.replace(sentence, " ", 1)).strip()
+    text = f"{head}\n{rest}" if head else rest
+    return EmbedderPair(sentence, pos, "ict", [pos], answer=sentence, positive_text=text)
+
+
+def synthetic_pairs(chunks: Sequence[dict], per_chunk: int, limit: int, supervised: dict[int, int],
+                    seed: int = 0, teacher: Sequence[EmbedderPair] = ()) -> list[EmbedderPair]:
+    """Teacher questions first, then heading/title and inverse-cloze pairs taken in turn, at most ``limit`` in
+    all. Cloze queries go to thinly supervised chunks first, at most ``per_chunk`` per chunk, fewer where
+    questions already point at the chunk."""
+    out = list(teacher)[:limit]
+    headings = heading_pairs(chunks)
+    cloze: list[EmbedderPair] = []
+    order = sorted(range(len(chunks)),
+                   key=lambda i: (supervised.get(i, 0), stable_fraction(chunks[i]["chunk_id"], seed)))
+    for i in order:
+        budget = max(0, per_chunk - supervised.get(i, 0))
+        if not budget or chunks[i].get("kind") == "qa":
+            continue
+        rng = random.Random(f"{seed}:{chunks[i]['chunk_id']}")
+        candidates = ict_candidates(chunks[i])
+        rng.shuffle(candidates)
+        cloze.extend(ict_pair(chunks, i, sentence, keep=rng.random() < ICT_KEEP_FRACTION)
+                     for sentence in candidates[:budget])
+        if len(cloze) >= limit:
+            break
+    for h, c in itertools.zip_longest(headings, cloze):
+        for p in (h, c):
+            if p is not None and len(out) < limit:
+                out.append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- teacher
+
+TEACHER_PROMPT = ("Write {n} different questions that a reader could ask and that the passage below answers. "
+                  "Each question must make sense on its own, without the passage. Reply with one question per "
+                  "line and nothing else.\n\nPassage:\n{passage}")
+
+
+def teacher_questions(chunks: Sequence[dict], positions: Sequence[int], client: Any, model: str, n: int,
+                      log: Callable[[str], None] | None = None) -> list[tuple[int, str]]:
+    """(chunk position, question) written by an OpenAI-compatible chat endpoint; failures skip the chunk."""
+    out = []
+    failures = 0
+    for i in positions:
+        try:
+            reply = client.chat.completions.create(
+                model=model, temperature=0.3, max_tokens=60 * n,
+                messages=[{"role": "user", "content": TEACHER_PROMPT.format(n=n, passage=chunks[i]["text"])}])
+            text = reply.choices[0].message.content or ""
+        except Exception as exc:  # noqa: BLE001 - one failed request must not stop the build
+            failures += 1
+            if log and failures <= 3:
+                log(f"    teacher request failed for chunk {chunks[i]['chunk_id']}: {exc}")
+            continue
+        lines = [re.sub(r"^\s*(?:\d+[.)]|[-*•])\s*", "", ln).strip() for ln in text.splitlines()]
+        for q in [ln for ln in lines if len(ln.split()) >= 3 and ln.endswith("?")][:n]:
+            out.append((i, q))
+    return out
+
+
+def round_trip_filter(candidates: Sequence[tuple[int, str]], ranker: Callable[[Sequence[str], int], list[list[int]]],
+                      k: int = 3) -> tuple[list[EmbedderPair], int]:
+    """Keep a generated question only if the base retriever finds its own chunk in the top k."""
+    if not candidates:
+        return [], 0
+    ranked = ranker([q for _, q in candidates], k)
+    kept = [EmbedderPair(q, i, "teacher", [i]) for (i, q), r in zip(candidates, ranked) if i in r[:k]]
+    return kept, len(candidates) - len(kept)
+
+
+def make_teacher_client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key="not-needed", timeout=60.0, max_retries=1)
+
+
+# ----------------------------------------------------------------------------------------------- negatives
+
+class BaseRanker:
+    """Base-embedder and BM25 rankings over the chunks, for mining and for the teacher's round trip."""
+
+    def __init__(self, chunks: Sequence[dict], encode: Encoder, chunk_embeddings: np.ndarray):
+        from serving.retrieval import BM25Index
+
+        self.chunks = chunks
+        self.encode = encode
+        self.emb = np.asarray(chunk_embeddings, dtype=np.float32)
+        self.bm25 = BM25Index.build([c["text"] for c in chunks])
+
+    def dense(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(top-k positions, the query-by-chunk score matrix)."""
+        q = np.asarray(self.encode(list(queries)), dtype=np.float32)
+        scores = q @ self.emb.T
+        k = min(k, scores.shape[1])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return top, scores
+
+    def fused(self, queries: Sequence[str], k: int, batch: int = 256) -> tuple[list[list[int]], list[np.ndarray]]:
+        from serving.retrieval import rrf_fuse
+
+        rankings, score_rows = [], []
+        for start in range(0, len(queries), batch):
+            part = list(queries[start:start + batch])
+            top, scores = self.dense(part, k)
+            bm_ids, bm_scores = self.bm25.search(part, k)
+            for qi in range(len(part)):
+                bm = [int(i) for i, s in zip(bm_ids[qi], bm_scores[qi]) if s > 0]
+                rankings.append([d for d, _ in rrf_fuse([top[qi].tolist(), bm])])
+                score_rows.append(scores[qi])
+        return rankings, score_rows
+
+    def rank(self, queries: Sequence[str], k: int) -> list[list[int]]:
+        return [r[:k] for r in self.fused(queries, max(k, 10))[0]]
+
+
+def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[dict], ranker: BaseRanker, n: int,
+                        candidates: int = MINE_CANDIDATES, margin: float = NEGATIVE_MARGIN) -> dict[str, int]:
+    """Fill each pair's ``negatives`` with up to n chunks ranked high by base embedder + BM25 that do not answer
+    it. Returns counts of the candidates dropped as false negatives, by reason."""
+    dropped = {"relevant": 0, "contains_answer": 0, "same_text": 0, "too_close": 0}
+    if n <= 0 or not pairs:
+        return dropped
+    norm_texts = [normalize(c["text"]) for c in chunks]
+    rankings, score_rows = ranker.fused([p.query for p in pairs], candidates)
+    for p, ranked, scores in zip(pairs, rankings, score_rows):
+        relevant = set(p.relevant) | {p.positive}
+        answer = normalize(p.answer) if p.answer else ""
+        pos_text = norm_texts[p.positive]
+        pos_score = float(scores[p.positive])
+        chosen = []
+        for c in ranked:
+            if len(chosen) >= n:
+                break
+            if c in relevant:
+                dropped["relevant"] += 1
+            elif answer and answer in norm_texts[c]:
+                dropped["contains_answer"] += 1
+            elif norm_texts[c] == pos_text:
+                dropped["same_text"] += 1
+            elif (not p.exact and chunks[c]["source"] == chunks[p.positive]["source"]
+                  and float(scores[c]) >= pos_score - margin * abs(pos_score)):
+                dropped["too_close"] += 1
+            else:
+                chosen.append(c)
+        p.negatives = chosen
+    return dropped
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], encode: Encoder,
+                        chunk_embeddings: np.ndarray, teacher_client: Any = None,
+                        log: Callable[[str], None] | None = None) -> tuple[list[EmbedderPair], dict]:
+    """Every training pair for the embedder (``cfg`` is the BuildConfig) and counts for the manifest.
+
+    ``encode`` is the base embedder (texts -> normalized rows) and ``chunk_embeddings`` its chunk embeddings.
+    """
+    dcfg = cfg.datagen
+    supervised, unmatched = question_pairs(questions, chunks)
+    counts: dict[int, int] = {}
+    for p in supervised:
+        counts[p.positive] = counts.get(p.positive, 0) + 1
+    ranker = BaseRanker(chunks, encode, chunk_embeddings)
+
+    teacher: list[EmbedderPair] = []
+    teacher_rejected = 0
+    if dcfg.teacher_url and dcfg.teacher_model:
+        client = teacher_client or make_teacher_client(dcfg.teacher_url)
+        thin = [i for i in sorted(range(len(chunks)), key=lambda i: (counts.get(i, 0),
+                                                                    stable_fraction(chunks[i]["chunk_id"], cfg.seed)))
+                if chunks[i].get("kind") != "qa"][:dcfg.max_synthetic]
+        generated = teacher_questions(chunks, thin, client, dcfg.teacher_model, dcfg.teacher_questions_per_chunk, log)
+        teacher, teacher_rejected = round_trip_filter(generated, ranker.rank)
+
+    synthetic = synthetic_pairs(chunks, dcfg.synthetic_per_chunk, dcfg.max_synthetic, counts, cfg.seed, teacher)
+    pairs = (supervised + synthetic)[:cfg.embedder.max_pairs]
+    dropped = mine_hard_negatives(pairs, chunks, ranker, dcfg.hard_negatives)
+    stats: dict[str, Any] = {k: sum(p.kind == k for p in pairs) for k in KINDS}
+    stats.update({"pairs": len(pairs), "unmatched_questions": len(unmatched),
+                  "inexact_positives": sum(not p.exact for p in pairs),
+                  "teacher_rejected": teacher_rejected, "false_negatives_dropped": dropped,
+                  "negatives_per_pair": round(sum(len(p.negatives) for p in pairs) / max(1, len(pairs)), 2)})
+    return pairs, stats
+
+
+def split_pairs(pairs: Sequence[EmbedderPair], eval_fraction: float, seed: int = 0
+                ) -> tuple[list[EmbedderPair], list[EmbedderPair]]:
+    """A deterministic held-out share of the pairs (by a hash of the query) for the promotion gate."""
+    train, held = [], []
+    for p in pairs:
+        (held if stable_fraction(f"pair:{p.query}", seed) < eval_fraction else train).append(p)
+    return train, held
+
+
+def write_pairs(path: Path, train: Sequence[EmbedderPair], held: Sequence[EmbedderPair], chunks: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for split, rows in (("train", train), ("eval", held)):
+            for p in rows:
+                fh.write(json.dumps(p.to_row(chunks, split), ensure_ascii=False) + "\n")
+    return path
+
+
+def pair_to_dict(p: EmbedderPair) -> dict:
+    return asdict(p)

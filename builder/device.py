@@ -44,3 +44,31 @@ def set_threads() -> None:
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX), where it is ~2.5x faster than fp32."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_dtype(device: str):
+    """Mixed precision for training (weights stay fp32): bf16 on GPUs and CPUs that support it, fp16 on older
+    GPUs, none elsewhere. ASSISTANT_AUTOCAST=off (or bf16 / fp16) overrides."""
+    import torch
+
+    choice = os.environ.get("ASSISTANT_AUTOCAST", "auto").lower()
+    if choice in ("0", "off", "no", "false", "fp32"):
+        return None
+    if choice in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if choice in ("fp16", "float16"):
+        return torch.float16
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None

@@ -1,14 +1,44 @@
-"""Fine-tune the sentence-transformers embedder on the knowledge base (MNRL with mined hard negatives).
+"""Fine-tune the sentence-transformers embedder on the knowledge base, and ship it only if it retrieves better.
 
-When fine-tuning is off (or there is nothing to train on) the base embedder is copied into the bundle as is.
+1. The base embedder embeds every chunk once; those embeddings mine hard negatives (with BM25) and score the
+   base model before training.
+2. ``builder.datagen.make_embedder_pairs`` makes (query, positive, hard negatives) pairs; a deterministic
+   share (``embedder.eval_fraction``) is held out and every pair is written to ``data/embedder_pairs.jsonl``.
+3. SentenceTransformerTrainer trains with MultipleNegativesRankingLoss (the cached variant above
+   ``embedder.cached_loss_above`` pairs per batch) and a no-duplicates batch sampler, in bf16 autocast where
+   the hardware multiplies bf16 natively.
+4. An InformationRetrievalEvaluator over all chunks scores base and fine-tuned on the held-out pairs. The
+   promotion gate ships the fine-tuned model only if its MRR@10 beats the base by more than
+   ``embedder.min_gain``; otherwise the bundle keeps the base model and the manifest says why.
+
+    assistant build knowledge --profile cpu --out bundles --set llm.finetune=false
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
+import random
 import shutil
+import tempfile
+import time
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
+
+from builder import datagen
 from builder.config import BuildConfig
+from builder.device import autocast_dtype
+from builder.log import say
+
+PAIRS_FILE = "embedder_pairs.jsonl"
+BASE_EMBEDDINGS_FILE = "base_chunk_embeddings.npy"
+GATE_METRIC = "mrr@10"
+# The gate scores held-out real questions when there are enough of them to mean something; below that it
+# scores every held-out pair (questions and synthetic queries alike).
+GATE_MIN_QUESTIONS = 20
 
 
 def copy_base(base: Path, out_dir: Path) -> None:
@@ -18,9 +48,274 @@ def copy_base(base: Path, out_dir: Path) -> None:
                                                                  "openvino", "*.h5", "*.msgpack", "*.ot"))
 
 
+def chunk_ids_digest(chunks: Sequence[dict]) -> str:
+    """Ties cached chunk embeddings to the exact chunk list (and order) they were computed for."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c["chunk_id"].encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _autocast(device: str):
+    import torch
+
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def encode_texts(model, texts: Sequence[str], device: str = "cpu", batch_size: int = 64,
+                 progress: bool = False) -> np.ndarray:
+    """Normalized float32 embeddings (computed under the same autocast as training)."""
+    with _autocast(device):
+        emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                           show_progress_bar=progress)
+    return np.asarray(emb, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def relevant_for_eval(pair: datagen.EmbedderPair, norm_texts: Sequence[str]) -> set[int]:
+    """The pair's relevant chunks; for a cloze query also every chunk holding the sentence (overlaps)."""
+    rel = set(pair.relevant) | {pair.positive}
+    if pair.kind == "ict" and pair.answer:
+        needle = datagen.normalize(pair.answer)
+        rel |= {i for i, t in enumerate(norm_texts) if needle in t}
+    return rel
+
+
+def make_ir_evaluator(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], name: str):
+    """sentence-transformers' InformationRetrievalEvaluator over every chunk, for the given held-out pairs."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    norm_texts = [datagen.normalize(c["text"]) for c in chunks]
+    queries = {f"q{n}": p.query for n, p in enumerate(pairs)}
+    relevant = {f"q{n}": {str(i) for i in relevant_for_eval(p, norm_texts)} for n, p in enumerate(pairs)}
+    corpus = {str(i): c["text"] for i, c in enumerate(chunks)}
+    return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, accuracy_at_k=[1, 5, 10],
+                                         precision_recall_at_k=[10], mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[10],
+                                         write_csv=False, batch_size=64)
+
+
+def run_ir_evaluator(evaluator, model, corpus_embeddings: np.ndarray, device: str) -> dict[str, float]:
+    """recall@1/5/10 (a relevant chunk in the top k), MRR@10 and nDCG@10, named as in builder.evaluate."""
+    import torch
+
+    with _autocast(device):
+        raw = evaluator(model, corpus_embeddings=torch.from_numpy(corpus_embeddings))
+    picked: dict[str, float] = {}
+    for ours, theirs in (("recall@1", "accuracy@1"), ("recall@5", "accuracy@5"), ("recall@10", "accuracy@10"),
+                         ("mrr@10", "mrr@10"), ("ndcg@10", "ndcg@10")):
+        values = [v for k, v in raw.items() if k.endswith(f"_{theirs}")]
+        picked[ours] = round(float(values[0]), 4) if values else float("nan")
+    picked["queries"] = float(len(evaluator.queries))
+    return picked
+
+
+def promotion_decision(base: dict[str, float], finetuned: dict[str, float], min_gain: float,
+                       metric: str = GATE_METRIC, on: str = "held-out pairs") -> tuple[bool, str]:
+    """Ship the fine-tuned embedder only if it beats the base by more than min_gain on the gate metric."""
+    b, f = base.get(metric, float("nan")), finetuned.get(metric, float("nan"))
+    n = int(base.get("queries", 0))
+    if not (math.isfinite(b) and math.isfinite(f)):
+        return False, f"kept the base embedder: {metric} could not be measured on the {on}"
+    if f > b + min_gain:
+        return True, (f"shipped the fine-tuned embedder: {metric} {f:.4f} vs base {b:.4f} "
+                      f"(gain {f - b:+.4f} > min_gain {min_gain}) on {n} {on}")
+    return False, (f"kept the base embedder: fine-tuned {metric} {f:.4f} vs base {b:.4f} "
+                   f"(gain {f - b:+.4f} is not above min_gain {min_gain}) on {n} {on}")
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], n_negatives: int,
+                  seed: int = 0) -> dict[str, list[str]]:
+    """Columns anchor, positive, negative_1..n. A pair with fewer mined negatives is topped up with random
+    chunks that do not answer it, because every row needs the same number of columns."""
+    norm_texts = [datagen.normalize(c["text"]) for c in chunks]
+    rows: list[tuple[str, str, list[str]]] = []
+    width = n_negatives
+    for p in pairs:
+        negs = list(p.negatives[:n_negatives])
+        if len(negs) < n_negatives:
+            rng = random.Random(f"{seed}:fill:{p.query}")
+            blocked = set(p.relevant) | {p.positive} | set(negs)
+            needle = datagen.normalize(p.answer) if p.answer else ""
+            pool = [i for i in range(len(chunks)) if i not in blocked and not (needle and needle in norm_texts[i])]
+            rng.shuffle(pool)
+            negs += pool[:n_negatives - len(negs)]
+        width = min(width, len(negs))
+        rows.append((p.query, p.text(chunks), [chunks[i]["text"] for i in negs]))
+    columns: dict[str, list[str]] = {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}
+    for j in range(width):
+        columns[f"negative_{j + 1}"] = [r[2][j] for r in rows]
+    return columns
+
+
+def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], cfg: BuildConfig, device: str,
+          work_dir: Path) -> dict:
+    """Fine-tune ``model`` in place on the pairs; returns the resolved settings and the loss curve's ends."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                   MultipleNegativesRankingLoss)
+
+    ecfg = cfg.embedder
+    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed)
+    dataset = Dataset.from_dict(columns)
+    batch_size = max(2, min(ecfg.batch_size, len(dataset)))
+    if batch_size > ecfg.cached_loss_above:
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(32, ecfg.cached_loss_above))
+    else:
+        loss = MultipleNegativesRankingLoss(model)
+    steps = math.ceil(len(dataset) / batch_size) * ecfg.epochs
+    dtype = autocast_dtype(device)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=ecfg.epochs,
+        per_device_train_batch_size=batch_size,
+        learning_rate=ecfg.learning_rate,
+        warmup_steps=ecfg.warmup_ratio,  # a float below 1 is a share of the steps
+        lr_scheduler_type="linear",
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=max(1, int(steps) // 10),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = round(time.perf_counter() - start, 1)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    return {
+        "loss": type(loss).__name__,
+        "batch_sampler": "no_duplicates",
+        "batch_size": batch_size,
+        "epochs": ecfg.epochs,
+        "steps": int(trainer.state.global_step),
+        "learning_rate": ecfg.learning_rate,
+        "warmup_ratio": ecfg.warmup_ratio,
+        "scheduler": "linear",
+        "hard_negatives_per_pair": len(columns) - 2,
+        "max_seq_length": int(model.max_seq_length),
+        "precision": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32",
+        "device": device,
+        "seed": cfg.seed,
+        "train_pairs": len(dataset),
+        "loss_first": round(losses[0], 4) if losses else None,
+        "loss_last": round(losses[-1], 4) if losses else None,
+        "train_seconds": seconds,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
 def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[dict], out_dir: Path,
         data_dir: Path, device: str = "cpu") -> dict:
-    """Write the bundle's embedder/ folder; return the manifest entry (decision and metrics)."""
-    copy_base(Path(base), out_dir)
-    return {"path": "embedder", "finetuned": False,
-            "decision": "fine-tuning disabled" if not cfg.embedder.finetune else "fine-tuning not run"}
+    """Write the bundle's embedder/ folder; return the manifest entry (decision, metrics, settings).
+
+    The entry's ``chunk_embeddings`` (the shipped model's embeddings of the chunks, in chunk order) is for the
+    index stage to reuse and must be popped before the entry is written.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    base = Path(base)
+    if not cfg.embedder.finetune:
+        copy_base(base, out_dir)
+        return {"path": "embedder", "finetuned": False, "decision": "fine-tuning disabled (embedder.finetune=false)"}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    texts = [c["text"] for c in chunks]
+    model = SentenceTransformer(str(base), device=device)
+    longest = max((c.get("n_tokens", 0) for c in chunks), default=0)
+    if longest > model.max_seq_length:
+        say(f"    warning: the longest chunk has {longest} tokens, over the embedder's {model.max_seq_length}")
+
+    say(f"    embedding {len(texts)} chunks with the base embedder")
+    base_emb = encode_texts(model, texts, device, progress=True)
+
+    def encode_queries(queries: Sequence[str]) -> np.ndarray:
+        return encode_texts(model, queries, device)
+
+    pairs, stats = datagen.make_embedder_pairs(cfg, chunks, train_questions, encode_queries, base_emb, log=say)
+    train_pairs, held = datagen.split_pairs(pairs, cfg.embedder.eval_fraction, cfg.seed)
+    datagen.write_pairs(data_dir / PAIRS_FILE, train_pairs, held, chunks)
+    say(f"    {len(pairs)} pairs ({', '.join(f'{stats[k]} {k}' for k in datagen.KINDS if stats[k])}); "
+        f"{len(train_pairs)} train, {len(held)} held out; {stats['unmatched_questions']} questions matched no chunk")
+    info: dict = {"path": "embedder", "finetuned": False, "pairs_file": f"data/{PAIRS_FILE}", "data": stats}
+    if len(train_pairs) < 2 or not held:
+        copy_base(base, out_dir)
+        info["decision"] = (f"kept the base embedder: too few pairs to train and check ({len(train_pairs)} train, "
+                            f"{len(held)} held out)")
+        info["chunk_embeddings"] = base_emb
+        return info
+
+    held_questions = [p for p in held if p.kind == "question"]
+    gate_key, gate_on = (("questions", "held-out questions") if len(held_questions) >= GATE_MIN_QUESTIONS
+                         else ("all", "held-out pairs"))
+    evaluators = {"all": make_ir_evaluator(held, chunks, "heldout-all")}
+    if held_questions:
+        evaluators["questions"] = make_ir_evaluator(held_questions, chunks, "heldout-questions")
+    before = {k: run_ir_evaluator(e, model, base_emb, device) for k, e in evaluators.items()}
+    say(f"    base embedder on {gate_on}: " + _fmt(before[gate_key]))
+
+    with tempfile.TemporaryDirectory(prefix="embedder-train-") as work:
+        training = train(model, train_pairs, chunks, cfg, device, Path(work))
+    say(f"    embedding {len(texts)} chunks with the fine-tuned embedder")
+    ft_emb = encode_texts(model, texts, device, progress=True)
+    after = {k: run_ir_evaluator(e, model, ft_emb, device) for k, e in evaluators.items()}
+    say(f"    fine-tuned embedder on {gate_on}: " + _fmt(after[gate_key]))
+
+    ship, decision = promotion_decision(before[gate_key], after[gate_key], cfg.embedder.min_gain, on=gate_on)
+    say(f"    {decision}")
+    if ship:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        model.save(str(out_dir))
+        np.save(data_dir / BASE_EMBEDDINGS_FILE, base_emb)
+        info["base_chunk_embeddings"] = {"path": f"data/{BASE_EMBEDDINGS_FILE}", "chunks": len(chunks),
+                                         "chunk_ids": chunk_ids_digest(chunks)}
+    else:
+        copy_base(base, out_dir)
+    info.update({
+        "finetuned": ship,
+        "decision": decision,
+        "gate": {"metric": GATE_METRIC, "on": gate_on, "min_gain": cfg.embedder.min_gain,
+                 "base": before[gate_key], "finetuned": after[gate_key]},
+        "heldout": {k: {"base": before[k], "finetuned": after[k]} for k in evaluators},
+        "training": training,
+        "chunk_embeddings": ft_emb if ship else base_emb,
+    })
+    return info
+
+
+def heldout_questions(data_dir: Path) -> list[dict]:
+    """The real questions the embedder held out (never trained on), as question dicts, from the pairs file."""
+    import json
+
+    path = Path(data_dir) / PAIRS_FILE
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row.get("split") == "eval" and row.get("kind") == "question" and row.get("answer"):
+                out.append({"question": row["query"], "answer": row["answer"], "source": row.get("source")})
+    return out
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k != "queries") + f" ({int(m['queries'])} queries)"

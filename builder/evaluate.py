@@ -14,6 +14,7 @@ import math
 import re
 import string
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 KS = (1, 5, 10)
@@ -127,15 +128,51 @@ def rouge_l(prediction: str, gold: str) -> float:
 
 
 def retrieval_report(bundle, questions: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Metrics for every retriever a bundle can serve: BM25, dense (its embedder) and the served mode.
-
-    The embedder issue extends this with the base embedder next to the fine-tuned one."""
+    """Metrics for every retriever a bundle can serve, on the same questions and chunks: BM25, the base
+    embedder (dense), the bundle's embedder (dense; "finetuned") and the mode the bundle serves."""
     from serving.retrieval import Retriever
 
     retriever = Retriever.load(bundle.path)
     served = retriever.mode
-    out = {"bm25": evaluate_retriever(retriever, questions, mode="bm25"),
-           "finetuned": evaluate_retriever(retriever, questions, mode="dense")}
-    out["served"] = evaluate_retriever(retriever, questions, mode=served)
+    out = {"bm25": evaluate_retriever(retriever, questions, mode="bm25")}
+    finetuned = evaluate_retriever(retriever, questions, mode="dense")
+    base = base_retriever(bundle, retriever)
+    out["base"] = dict(finetuned) if base is None else evaluate_retriever(base, questions, mode="dense")
+    out["finetuned"] = finetuned
+    out["served"] = dict(out["bm25"] if served == "bm25" else finetuned if served == "dense"
+                         else evaluate_retriever(retriever, questions, mode=served))
     out["served"]["mode"] = served  # type: ignore[assignment]
     return out
+
+
+def base_retriever(bundle, retriever):
+    """A dense Retriever over the bundle's chunks with the base embedder, or None when the bundle ships the base
+    embedder itself (then "base" and "finetuned" are the same model). Chunk embeddings come from the build's
+    cache (data/base_chunk_embeddings.npy) when it matches the chunks, else they are computed here."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from builder.embedder import chunk_ids_digest, encode_texts
+    from serving.retrieval import DenseIndex, Retriever, st_encoder
+
+    info = bundle.manifest.get("models", {}).get("embedder", {})
+    if not info.get("finetuned"):
+        return None
+    ref = info.get("base") or {}
+    path = Path(ref.get("path", ""))
+    if ref.get("path") and not path.is_absolute():
+        path = bundle.path / path
+    if not ref.get("path") or not path.exists():
+        from builder.models import resolve_embedder
+
+        path = Path(resolve_embedder(ref.get("name", "minilm")))
+    model = SentenceTransformer(str(path), device="cpu")
+    cache = info.get("base_chunk_embeddings") or {}
+    emb = None
+    if cache.get("path") and (bundle.path / cache["path"]).exists() and \
+            cache.get("chunk_ids") == chunk_ids_digest(retriever.chunks):
+        emb = np.load(bundle.path / cache["path"])
+    if emb is None or len(emb) != len(retriever.chunks):
+        emb = encode_texts(model, [c["text"] for c in retriever.chunks], "cpu", progress=True)
+    return Retriever(retriever.chunks, st_encoder(model), DenseIndex.build(emb), retriever.bm25, mode="dense",
+                     candidates=retriever.candidates, rrf_k=retriever.rrf_k)

@@ -16,13 +16,19 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 64, show_progress
                         show_progress_bar=show_progress)
 
 
-def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "cpu") -> dict:
-    """Write index_dir/{chunks.jsonl, dense.faiss, bm25/}; returns counts for the manifest."""
-    from sentence_transformers import SentenceTransformer
+def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "cpu",
+        embeddings: np.ndarray | None = None) -> dict:
+    """Write index_dir/{chunks.jsonl, dense.faiss, bm25/}; returns counts for the manifest.
 
+    ``embeddings`` (one row per chunk, from the embedder in embedder_dir) skips embedding the chunks again."""
     index_dir.mkdir(parents=True, exist_ok=True)
-    model = SentenceTransformer(str(embedder_dir), device=device)
-    emb = embed_texts(model, [c["text"] for c in chunks])
+    if embeddings is not None and len(embeddings) == len(chunks):
+        emb = np.asarray(embeddings, dtype=np.float32)
+    else:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(embedder_dir), device=device)
+        emb = embed_texts(model, [c["text"] for c in chunks])
     DenseIndex.build(emb).save(index_dir / FAISS_FILE)
     BM25Index.build([c["text"] for c in chunks]).save(index_dir / BM25_DIR)
     with open(index_dir / CHUNKS_FILE, "w", encoding="utf-8") as fh:

@@ -1,14 +1,253 @@
-"""LoRA supervised fine-tuning of the base LLM on retrieval-augmented chat examples (PEFT)."""
+"""LoRA supervised fine-tuning of the base LLM on retrieval-augmented chat examples (PEFT), with a promotion gate.
+
+The stage, in order:
+
+1. chat examples (``builder.chatdata``) with contexts from the bundle's own retriever, written to
+   ``data/chat_train.jsonl``;
+2. LoRA training (``builder.train_llm``), in-process, or under ``accelerate launch`` when
+   ``llm.accelerate_config`` names a config; checkpoints live in ``OUT/.checkpoints/<key>`` (next to the
+   bundles, outside the bundle's temporary folder, which a failed build deletes), keyed by the base model, the
+   chat data and the settings, so running the same build again after a kill resumes from the last checkpoint;
+3. the adapter (with the tokenizer) in ``llm/adapter`` (the layout ``vllm --enable-lora`` loads), the loss
+   curve in ``eval/loss.png``, and merged weights in ``llm/merged`` when ``llm.merge`` is set or serving will
+   want them (``serve.use_merged`` yes, or auto without CUDA);
+4. the gate: base and fine-tuned answers on the held-out questions (``builder.answer_eval``); the adapter
+   ships only if its F1 beats the base model's by more than ``llm.min_gain``. Without held-out questions, a
+   slice of the training questions is held back from training for the gate; without any, the adapter ships
+   and the decision says that nothing measured it.
+
+    assistant build knowledge --profile cpu --set llm.max_steps=60
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from builder.config import BuildConfig
+from builder.config import BuildConfig, dumps
+from builder.log import say, step
+
+ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
+GATE_SLICE, GATE_MIN = 0.1, 10  # share of training questions held back for the gate when nothing is held out
 
 
 def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions: list[dict],
-        heldout: list[dict], bundle_dir: Path, device: str = "cpu") -> dict:
-    """Write llm/adapter/ when an adapter ships; return the manifest entry (decision, metrics)."""
-    return {"adapter": None, "merged": None,
-            "decision": "fine-tuning disabled" if not cfg.llm.finetune else "fine-tuning not run"}
+        heldout: list[dict], bundle_dir: Path, device: str = "cpu", retrieval_mode: str | None = None) -> dict:
+    """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry."""
+    if not cfg.llm.finetune:
+        return {"adapter": None, "merged": None, "decision": "fine-tuning disabled (llm.finetune=false)"}
+    from builder import chatdata
+    from builder.answer_eval import ANSWERS_FILE, SYSTEMS, evaluate_answers, question_digest, select_questions
+    from builder.answer_eval import _settings_key
+    from builder.train_llm import load_tokenizer
+
+    bundle_dir = Path(bundle_dir)
+    base = str(base)
+    retriever = load_retriever(bundle_dir, cfg, retrieval_mode)
+    gate_questions, train_questions, gate_from = split_gate(heldout, train_questions, cfg.seed)
+
+    tok = load_tokenizer(base)
+
+    def count(messages: list[dict]) -> int:
+        return len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
+
+    with step("chat examples"):
+        rows = chatdata.build_chat_data(cfg, chunks, train_questions, retriever,
+                                        bundle_dir / "data" / "chat_train.jsonl", count=count, log=say)
+        data_info = chatdata.summarize(rows)
+        say(f"    {data_info['examples']} examples {data_info['by_origin']}, "
+            f"{data_info['gold_absent']} without the answer")
+    if not rows:
+        return {"adapter": None, "merged": None, "data": data_info,
+                "decision": "no chat examples could be made (no question is answered by any chunk)"}
+
+    work = checkpoint_dir(bundle_dir.parent, cfg, base, bundle_dir / "data" / "chat_train.jsonl")
+    with step(f"LoRA training ({cfg.llm.max_steps} steps; checkpoints in {work})"):
+        result = train(cfg, base, bundle_dir / "data" / "chat_train.jsonl", work, device)
+    adapter_dir = bundle_dir / "llm" / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(work / "final", adapter_dir)
+    plot_loss(result.get("loss_curve", []), bundle_dir / "eval" / "loss.png",
+              title=f"LoRA r={cfg.llm.lora_r}, {result['steps']} steps, {result['examples']} examples")
+    training = {k: v for k, v in result.items() if k != "loss_curve"}
+
+    merged_dir = None
+    if wants_merged(cfg):
+        from builder.answer_eval import merge_adapter
+
+        with step("merging the adapter into full weights (llm/merged)"):
+            merged_dir = merge_adapter(base, str(adapter_dir), bundle_dir / "llm" / "merged")
+
+    report: dict = {}
+    if gate_questions:
+        picked = select_questions(gate_questions, cfg.eval.max_answer_questions)
+        systems = SYSTEMS if gate_from == "held-out split" else ("base", "finetuned")
+        with step(f"answer evaluation on {len(picked)} questions ({gate_from})"):
+            report = evaluate_answers(retriever, picked, cfg.retrieval.top_k, base, cfg, adapter=str(adapter_dir),
+                                      merged=str(merged_dir) if merged_dir else None, systems=systems, log=say)
+    ship, decision = gate(report, cfg.llm.min_gain, gate_from, len(gate_questions))
+    say(f"    {decision}")
+    if not ship:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        if merged_dir:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            merged_dir = None
+    if report and gate_from == "held-out split":
+        # `assistant eval` on the same questions reads this instead of generating again.
+        cached = {k: v for k, v in report.items() if k != "finetuned" or ship}
+        key = question_digest(picked, _settings_key(cfg, cfg.retrieval.top_k, ship))
+        (bundle_dir / ANSWERS_FILE).write_text(json.dumps({"key": key, "report": cached}, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the adapter is in the bundle now
+    metrics = {s: report[s] for s in SYSTEMS if s in report}
+    if metrics:
+        metrics["questions_from"] = gate_from  # type: ignore[assignment]
+    return {"adapter": "llm/adapter" if ship else None,
+            "merged": "llm/merged" if ship and merged_dir else None,
+            "decision": decision, "metrics": metrics, "training": training, "data": data_info,
+            "examples": report.get("examples", [])[:3]}
+
+
+def split_gate(heldout: list[dict], train_questions: list[dict], seed: int) -> tuple[list[dict], list[dict], str]:
+    """(gate questions, training questions, where the gate questions came from)."""
+    if heldout:
+        return heldout, train_questions, "held-out split"
+    if len(train_questions) >= GATE_MIN * 3:
+        from builder.datagen import split_questions
+
+        train, gate_q = split_questions(train_questions, GATE_SLICE, seed + 101)
+        if len(gate_q) >= GATE_MIN:
+            return gate_q, train, "training questions held back from LoRA training"
+    return [], train_questions, "none"
+
+
+def gate(report: dict, min_gain: float, gate_from: str, n_questions: int) -> tuple[bool, str]:
+    """(ship?, decision in words) from the base and fine-tuned F1."""
+    if not report or "finetuned" not in report or "base" not in report:
+        return True, ("shipped without a gate: there are no held-out questions (the knowledge folder has no "
+                      "question/answer pairs to hold out and too few were given with --questions), so nothing "
+                      "measured the adapter")
+    b, f = report["base"]["f1"], report["finetuned"]["f1"]
+    gain = f - b
+    where = f"{int(report['base']['questions'])} {gate_from}"
+    if gain > min_gain:
+        return True, (f"shipped: fine-tuned F1 {f:.3f} vs base {b:.3f} on {where} "
+                      f"(gain {gain:+.3f} > llm.min_gain {min_gain})")
+    return False, (f"rejected: fine-tuned F1 {f:.3f} vs base {b:.3f} on {where} "
+                   f"(gain {gain:+.3f} <= llm.min_gain {min_gain}); the bundle serves the base model")
+
+
+def wants_merged(cfg: BuildConfig) -> bool:
+    from builder.device import cuda_available
+
+    choice = str(cfg.serve.use_merged).lower()
+    return bool(cfg.llm.merge) or choice in ("yes", "true", "1") or (choice == "auto" and not cuda_available())
+
+
+def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None):
+    """The unfinished bundle's own retriever (its embedder and index), in the mode serving will use."""
+    from sentence_transformers import SentenceTransformer
+
+    from serving.retrieval import BM25_DIR, FAISS_FILE, BM25Index, DenseIndex, Retriever, load_chunks, st_encoder
+
+    idx = bundle_dir / "index"
+    chunks = load_chunks(idx)
+    mode = mode or (cfg.retrieval.mode if cfg.retrieval.mode != "auto" else "hybrid")
+    model = SentenceTransformer(str(bundle_dir / "embedder"), device="cpu")
+    return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
+                     BM25Index.load(idx / BM25_DIR, len(chunks)), mode=mode,
+                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k)
+
+
+def checkpoint_dir(out_dir: Path, cfg: BuildConfig, base: str, data: Path) -> Path:
+    """OUT/.checkpoints/<key>: the key hashes the base model's files, the chat data and the training settings,
+    so only the same run resumes from it."""
+    from builder.models import file_sha256, folder_sha256
+
+    h = hashlib.sha256()
+    h.update(folder_sha256(Path(base)).encode() if Path(base).is_dir() else base.encode())
+    h.update(file_sha256(data).encode())
+    llm = cfg.to_dict()["llm"]
+    for k in ("max_new_tokens", "min_gain", "merge", "finetune"):  # no effect on training
+        llm.pop(k, None)
+    h.update(json.dumps({"llm": llm, "seed": cfg.seed}, sort_keys=True).encode())
+    return Path(out_dir) / ".checkpoints" / h.hexdigest()[:16]
+
+
+def accelerate_config_path(name: str) -> Path:
+    """A config shipped in builder/accelerate/ by name (ddp, fsdp, deepspeed_zero2), or a path."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    shipped = ACCELERATE_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(x.stem for x in ACCELERATE_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"llm.accelerate_config={name!r}: no such file, and not one of: {known}")
+
+
+def train(cfg: BuildConfig, base: str, data: Path, work: Path, device: str) -> dict:
+    """In-process training, or ``accelerate launch -m builder.train_llm`` when llm.accelerate_config is set."""
+    name = getattr(cfg.llm, "accelerate_config", "")
+    if not name:
+        from builder.train_llm import train as train_in_process
+
+        return train_in_process(cfg, base, data, work, device=device)
+    from builder.train_llm import FINAL, RESULT
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(dumps(cfg))
+    import math
+
+    import yaml
+
+    config_path = accelerate_config_path(name)
+    launch = yaml.safe_load(config_path.read_text()) or {}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path)]
+    if launch.get("distributed_type") == "DEEPSPEED":
+        # DeepSpeed checks its accumulation against the Trainer's, which train_llm derives the same way.
+        micro = max(1, min(cfg.llm.micro_batch_size, cfg.llm.batch_size))
+        world = int(launch.get("num_processes", 1))
+        cmd += ["--gradient_accumulation_steps", str(max(1, math.ceil(cfg.llm.batch_size / (micro * world))))]
+    cmd += ["-m", "builder.train_llm", "--data", str(data), "--base", base, "--work", str(work),
+            "--config", str(work / "config.json")]
+    say("    " + " ".join(cmd))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    subprocess.run(cmd, check=True, env=env)
+    if not (work / FINAL / "adapter_config.json").is_file():
+        raise RuntimeError(f"accelerate launch finished without an adapter in {work / FINAL}")
+    return json.loads((work / RESULT).read_text())
+
+
+def plot_loss(curve: list, out: Path, title: str = "LoRA training loss") -> Path | None:
+    """The training loss per step (and a moving average) as a PNG."""
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [c[0] for c in curve]
+    loss = [c[1] for c in curve]
+    w = max(1, len(loss) // 10)
+    smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1]) for i in range(len(loss))]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(steps, loss, color="#9bb7d4", linewidth=1, label="loss (assistant tokens)")
+    ax.plot(steps, smooth, color="#1f4e79", linewidth=2, label=f"moving average ({w} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

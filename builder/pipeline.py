@@ -84,17 +84,23 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         with step("embedder") as s:
             emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.path("embedder"),
                                     writer.path("data"), device=device)
+            chunk_embeddings = emb_info.pop("chunk_embeddings", None)  # reused by the index, not in the manifest
         timing["embedder_s"] = s["seconds"]
         base_emb_ref["sha256"] = folder_sha256(Path(base_emb))
         emb_info["base"] = base_emb_ref
         emb_info["sha256"] = folder_sha256(writer.path("embedder"))
 
         with step("index") as s:
-            index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device)
+            index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device,
+                                   embeddings=chunk_embeddings)
         timing["index_s"] = s["seconds"]
 
         with step("evaluate retrieval") as s:
-            retrieval_metrics, mode = _evaluate_retrieval(cfg, writer, qa_held)
+            # Without held-out FAQ pairs, the questions the embedder held out choose the retrieval mode.
+            mode_questions = qa_held or embedder.heldout_questions(writer.path("data"))
+            retrieval_metrics, mode = _evaluate_retrieval(cfg, writer, mode_questions)
+            retrieval_metrics["questions_from"] = ("knowledge held-out split" if qa_held else  # type: ignore[assignment]
+                                                   "embedder held-out questions" if mode_questions else "none")
         timing["eval_retrieval_s"] = s["seconds"]
 
         with step("llm") as s:
@@ -107,7 +113,8 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             if Path(str(base_llm)).is_dir():
                 llm_ref["sha256"] = folder_sha256(Path(base_llm))
             writer.write_json("llm/base.json", llm_ref)
-            llm_info = llm.run(cfg, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device)
+            llm_info = llm.run(cfg, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device,
+                               retrieval_mode=mode)
         timing["llm_s"] = s["seconds"]
         llm_info["base"] = llm_ref
         for key in ("adapter", "merged"):
@@ -151,7 +158,7 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10."""
     from serving.retrieval import Retriever
 
-    retriever = _load_unfinished(writer)
+    retriever = _load_unfinished(cfg, writer)
     metrics: dict[str, dict] = {}
     if held:
         for mode in Retriever.MODES:
@@ -166,7 +173,7 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     return metrics, chosen
 
 
-def _load_unfinished(writer: BundleWriter):
+def _load_unfinished(cfg: BuildConfig, writer: BundleWriter):
     from sentence_transformers import SentenceTransformer
 
     from serving.retrieval import BM25_DIR, FAISS_FILE, BM25Index, DenseIndex, Retriever, load_chunks, st_encoder
@@ -175,7 +182,8 @@ def _load_unfinished(writer: BundleWriter):
     chunks = load_chunks(idx)
     model = SentenceTransformer(str(writer.path("embedder")), device="cpu")
     return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
-                     BM25Index.load(idx / BM25_DIR, len(chunks)), mode="hybrid")
+                     BM25Index.load(idx / BM25_DIR, len(chunks)), mode="hybrid",
+                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k)
 
 
 def clean_stale_tmp(out_dir: Path, max_age_s: float = 24 * 3600) -> None:

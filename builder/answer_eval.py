@@ -1,0 +1,435 @@
+"""Answer quality of a bundle: the base LLM without retrieval, with retrieval, and the fine-tuned LLM with
+retrieval, on held-out questions, scored against their gold answers.
+
+For each question the passages come from the bundle's retriever in the mode and with the ``top_k`` its manifest
+names, and the prompt is ``serving.prompting.build_messages``: what is measured is what is served.
+
+Metrics per system (``answer_report`` returns ``{system: {metric: float}}``, primary metric ``f1``):
+
+- ``exact_match``, ``f1`` (SQuAD token F1), ``rouge_l``: against the gold answer, citation markers removed;
+- ``citation_accuracy``: share of answerable questions whose answer cites a passage ([n]) and whose first
+  cited passage is a chunk of the question's source document (without a source: a chunk holding the answer);
+  an answer that cites nothing counts as wrong;
+- ``refusal_rate``: share of unanswerable questions answered with the refusal sentence. The unanswerable set
+  is made deterministically: (a) a quarter of the scored questions (at most 50, chosen by a hash of the
+  question), each paired with the best retrieved passages that are *not* from its source document and do not
+  contain its answer; (b) the fixed off-topic questions in ``OFF_TOPIC`` with their ordinary retrieval;
+- ``false_refusal_rate``: share of answerable questions that were refused;
+- ``tokens_per_s``: generated tokens per second of generation (engine start-up excluded).
+
+The scored questions are a deterministic subset (``eval.max_answer_questions``, or ``--limit``) chosen by a hash
+of the question text. Generation uses vLLM's offline engine in a child process (``eval.generation_engine``:
+'vllm', 'hf' or 'auto' = vLLM where it imports, transformers otherwise or when vLLM fails). The fine-tuned
+system runs on merged weights where the bundle has them; on a CPU without them, the adapter is merged into a
+temporary folder first, since vLLM's LoRA path costs ~3.4x there.
+
+    assistant eval bundles/latest --limit 50
+    python -m builder.answer_eval --generate job.json   # the vLLM child process (internal)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from builder.datagen import stable_fraction
+from builder.evaluate import exact_match, normalize, rouge_l, token_f1
+from serving.prompting import build_messages, is_refusal, parse_citations
+
+SYSTEMS = ("base_no_retrieval", "base", "finetuned")
+ANSWERS_FILE = "eval/answers.json"  # written by the build; `assistant eval` reuses it for the same questions
+UNANSWERABLE_SHARE, UNANSWERABLE_MAX = 0.25, 50
+OFF_TOPIC = (
+    "What is the capital city of Australia?",
+    "Who wrote the novel Pride and Prejudice?",
+    "How many moons does the planet Mars have?",
+    "What is the boiling point of ethanol in degrees Fahrenheit?",
+    "Which team won the 1998 football World Cup?",
+    "What is the airspeed of an unladen swallow?",
+    "How do I reset the password of my email account?",
+    "What is the exchange rate between the euro and the Japanese yen today?",
+)
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+Log = Callable[[str], None]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- questions
+
+def select_questions(questions: Sequence[dict], limit: int | None) -> list[dict]:
+    """A deterministic subset: the ``limit`` questions with the smallest hash of their text (all if no limit)."""
+    ordered = sorted(questions, key=lambda q: stable_fraction(q["question"], 7))
+    return list(ordered if not limit or limit <= 0 else ordered[:limit])
+
+
+def question_digest(questions: Sequence[dict], extra: dict) -> str:
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for q in questions:
+        h.update(f"{q['question']}\0{q['answer']}\0{q.get('source') or ''}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _passages(chunks: Sequence[dict], positions: Sequence[int]) -> list[dict]:
+    return [{"text": chunks[i]["text"], "source": chunks[i]["source"], "location": chunks[i].get("location", ""),
+             "chunk_id": chunks[i]["chunk_id"]} for i in positions]
+
+
+def retrieve_contexts(retriever, questions: Sequence[dict], top_k: int) -> list[list[dict]]:
+    """Passages for each question as serving retrieves them (the retriever's own mode)."""
+    out: list[list[dict]] = []
+    for start in range(0, len(questions), 64):
+        batch = [q["question"] for q in questions[start:start + 64]]
+        out.extend(_passages(retriever.chunks, [i for i, _ in r]) for r in retriever.rank(batch, top_k))
+    return out
+
+
+def unanswerable_cases(retriever, questions: Sequence[dict], top_k: int) -> list[tuple[str, list[dict], str]]:
+    """(question, passages, kind) for which the passages cannot hold the answer; see the module docstring."""
+    n = min(UNANSWERABLE_MAX, max(1, int(len(questions) * UNANSWERABLE_SHARE))) if questions else 0
+    picked = sorted(questions, key=lambda q: stable_fraction(q["question"], 11))[:n]
+    chunks = retriever.chunks
+    cases: list[tuple[str, list[dict], str]] = []
+    if picked:
+        ranked = retriever.rank([q["question"] for q in picked], top_k + 40)
+        for q, r in zip(picked, ranked):
+            answer = normalize(q["answer"])
+            keep = [i for i, _ in r if chunks[i]["source"] != q.get("source")
+                    and answer not in normalize(chunks[i]["text"])
+                    and not (chunks[i].get("kind") == "qa" and normalize(q["question"]) in normalize(chunks[i]["text"]))]
+            if keep:
+                cases.append((q["question"], _passages(chunks, keep[:top_k]), "source_removed"))
+    off = retriever.rank(list(OFF_TOPIC), top_k)
+    cases += [(q, _passages(chunks, [i for i, _ in r]), "off_topic") for q, r in zip(OFF_TOPIC, off)]
+    return cases
+
+
+def cites_gold(answer: str, passages: Sequence[dict], question: dict) -> bool:
+    cited = parse_citations(answer, len(passages))
+    if not cited:
+        return False
+    p = passages[cited[0] - 1]
+    if question.get("source"):
+        return p["source"] == question["source"]
+    return normalize(question["answer"]) in normalize(p["text"])
+
+
+def score(answers: Sequence[str], questions: Sequence[dict], contexts: Sequence[Sequence[dict]] | None,
+          unanswerable: Sequence[str] | None) -> dict[str, float]:
+    """Metrics of one system: answers to ``questions`` (with ``contexts`` for citations, None without
+    retrieval) and, where given, answers to the unanswerable cases."""
+    n = max(1, len(questions))
+    out = {"exact_match": sum(exact_match(a, q["answer"]) for a, q in zip(answers, questions)) / n,
+           "f1": sum(token_f1(a, q["answer"]) for a, q in zip(answers, questions)) / n,
+           "rouge_l": sum(rouge_l(a, q["answer"]) for a, q in zip(answers, questions)) / n}
+    if contexts is not None:
+        out["citation_accuracy"] = sum(cites_gold(a, c, q) for a, c, q in zip(answers, contexts, questions)) / n
+        out["false_refusal_rate"] = sum(is_refusal(a) for a in answers) / n
+    if unanswerable is not None:
+        out["refusal_rate"] = sum(is_refusal(a) for a in unanswerable) / max(1, len(unanswerable))
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+def vllm_env(serve_cfg) -> dict[str, str]:
+    """Environment for vLLM's CPU backend: KV cache size and every core we may use bound to its workers."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(getattr(serve_cfg, "cpu_kvcache_gib", 2)))
+    cores = sorted(os.sched_getaffinity(0))
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if cores == list(
+        range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores)))
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def _vllm_lora_rank(adapter: str) -> int:
+    r = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 8))
+    return next((v for v in VLLM_LORA_RANKS if v >= r), r)
+
+
+def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_tokens: int, max_model_len: int,
+                  adapter: str | None = None, serve_cfg=None, timeout: float | None = None,
+                  lora_batches: Sequence[str] | None = None) -> dict[str, dict]:
+    """Greedy answers from vLLM's offline engine, run in a child process (vLLM spawns workers; keeping it out of
+    this process keeps its start method, threads and memory out of ours). With ``adapter``, the batches named in
+    ``lora_batches`` (all, when None) are answered through it. Returns {batch: {"texts", "tokens", "seconds"}}."""
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="answer-eval-"))
+    try:
+        job = {"model": str(model), "adapter": adapter, "batches": batches, "max_new_tokens": max_new_tokens,
+               "lora_batches": list(batches) if lora_batches is None else list(lora_batches),
+               "max_model_len": max_model_len, "lora_rank": _vllm_lora_rank(adapter) if adapter else None,
+               "gpu_memory_utilization": getattr(serve_cfg, "gpu_memory_utilization", 0.85),
+               "cuda": torch.cuda.is_available()}
+        (work / "job.json").write_text(json.dumps(job))
+        log = work / "vllm.log"
+        with open(log, "w") as fh:
+            proc = subprocess.run([sys.executable, "-m", "builder.answer_eval", "--generate", str(work / "job.json")],
+                                  env=vllm_env(serve_cfg), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+                                  cwd=str(Path(__file__).resolve().parent.parent))
+        if proc.returncode != 0 or not (work / "out.json").is_file():
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"vLLM generation failed (exit {proc.returncode}):\n{tail}")
+        return json.loads((work / "out.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _vllm_child(job_path: str) -> int:
+    """Body of the child process: one engine, every batch, results next to the job file."""
+    job = json.loads(Path(job_path).read_text())
+    from vllm import LLM, SamplingParams
+
+    kw = dict(model=job["model"], tokenizer=job["adapter"] or job["model"], max_model_len=job["max_model_len"],
+              seed=0, enable_prefix_caching=True)
+    if job["cuda"]:
+        kw["gpu_memory_utilization"] = job["gpu_memory_utilization"]
+    lora = None
+    if job["adapter"]:
+        from vllm.lora.request import LoRARequest
+
+        kw.update(enable_lora=True, max_lora_rank=job["lora_rank"], max_loras=1)
+        lora = LoRARequest("adapter", 1, job["adapter"])
+    llm = LLM(**kw)
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"])
+    out = {}
+    for name, convs in job["batches"].items():
+        start = time.perf_counter()
+        use = lora if name in job["lora_batches"] else None
+        results = llm.chat(convs, params, use_tqdm=False, lora_request=use) if convs else []
+        seconds = time.perf_counter() - start
+        out[name] = {"texts": [r.outputs[0].text.strip() for r in results],
+                     "tokens": sum(len(r.outputs[0].token_ids) for r in results), "seconds": round(seconds, 2)}
+    tmp = Path(job_path).with_name("out.json.tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, Path(job_path).with_name("out.json"))
+    return 0
+
+
+def generate_hf(model_path: str, batches: dict[str, list[list[dict]]], max_new_tokens: int,
+                adapter: str | None = None, device: str = "cpu",
+                lora_batches: Sequence[str] | None = None) -> dict[str, dict]:
+    """The same with transformers in this process (serving.local.generate), for tests and where vLLM is absent."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from builder.train_llm import load_tokenizer
+    from serving.local import generate
+
+    tok = load_tokenizer(adapter or model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device).eval()
+    out = {}
+    for name, convs in batches.items():
+        start = time.perf_counter()
+        plain = adapter and lora_batches is not None and name not in lora_batches
+        with model.disable_adapter() if plain else contextlib.nullcontext():
+            texts = generate(model, tok, convs, max_new_tokens=max_new_tokens) if convs else []
+        out[name] = {"texts": texts, "seconds": round(time.perf_counter() - start, 2),
+                     "tokens": sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)}
+    return out
+
+
+def _prompt_len(tok, convs: Sequence[list[dict]]) -> int:
+    lens = [len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]) for c in convs]
+    return max(lens, default=0)
+
+
+def generate_answers(engine: str, model: str, batches: dict[str, list[list[dict]]], max_new_tokens: int,
+                     serve_cfg=None, adapter: str | None = None, log: Log = _say,
+                     lora_batches: Sequence[str] | None = None) -> tuple[dict[str, dict], str]:
+    """Answers for every batch with one model; returns (results, engine actually used)."""
+    engine = (engine or "auto").lower()
+    use_vllm = engine == "vllm" or (engine == "auto" and importlib.util.find_spec("vllm") is not None)
+    if use_vllm:
+        from builder.train_llm import load_tokenizer
+
+        tok = load_tokenizer(adapter or model)
+        need = _prompt_len(tok, [c for convs in batches.values() for c in convs]) + max_new_tokens + 8
+        max_len = max(int(getattr(serve_cfg, "max_model_len", 2048)), need)
+        try:
+            return generate_vllm(model, batches, max_new_tokens, max_len, adapter, serve_cfg,
+                                 lora_batches=lora_batches), "vllm"
+        except Exception as exc:  # noqa: BLE001 - 'auto' falls back; an explicit 'vllm' does not
+            if engine == "vllm":
+                raise
+            log(f"    vLLM failed, generating with transformers instead: {str(exc)[-400:]}")
+    return generate_hf(model, batches, max_new_tokens, adapter, lora_batches=lora_batches), "hf"
+
+
+def merge_adapter(base: str, adapter: str, out: Path) -> Path:
+    """Full weights with the LoRA update folded in (in the base model's dtype), plus the adapter's tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from builder.train_llm import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    dtype = getattr(model.config, "dtype", None) or "float32"
+    dtype = getattr(torch, str(dtype).replace("torch.", ""), torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.to(dtype).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(adapter).save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str, cfg, adapter: str | None = None,
+                     merged: str | None = None, systems: Sequence[str] = SYSTEMS, log: Log = _say) -> dict:
+    """{system: metrics} for the given (already selected) questions; see the module docstring."""
+    engine = cfg.eval.generation_engine
+    max_new = cfg.llm.max_new_tokens
+    contexts = retrieve_contexts(retriever, questions, top_k)
+    unans = unanswerable_cases(retriever, questions, top_k)
+    rag = [build_messages(q["question"], c) for q, c in zip(questions, contexts)]
+    rag_unans = [build_messages(q, c) for q, c, _ in unans]
+    plain = [[{"role": "user", "content": q["question"]}] for q in questions]
+    report: dict = {}
+    batches: dict[str, list] = {}
+    if "base_no_retrieval" in systems:
+        batches["base_no_retrieval"] = plain
+    if "base" in systems:
+        batches.update(base=rag, base_unanswerable=rag_unans)
+    tuned = {"finetuned": rag, "finetuned_unanswerable": rag_unans} if "finetuned" in systems and (
+        adapter or merged) else {}
+    # The fine-tuned answers come from merged weights (a second engine) where the bundle has them or vLLM runs
+    # on the CPU (merged into a temporary folder: LoRA costs ~3.4x there); else through the adapter, in the
+    # same engine as the base answers.
+    import torch
+
+    via_lora = bool(tuned) and not merged and (torch.cuda.is_available() or engine == "hf"
+                                                or importlib.util.find_spec("vllm") is None)
+    results: dict[str, dict] = {}
+    used = {}
+    if via_lora:
+        n = sum(map(len, batches.values())) + sum(map(len, tuned.values()))
+        log(f"    generating {n} answers with the base model and its adapter")
+        res, eng = generate_answers(engine, base, {**batches, **tuned}, max_new, cfg.serve, adapter=adapter,
+                                    log=log, lora_batches=list(tuned))
+        results.update(res)
+        used = {k: eng for k in res}
+    else:
+        if batches:
+            log(f"    generating {sum(map(len, batches.values()))} answers with the base model")
+            res, eng = generate_answers(engine, base, batches, max_new, cfg.serve, log=log)
+            results.update(res)
+            used.update({k: eng for k in res})
+        if tuned:
+            tmp = None
+            model = merged
+            if not model:
+                tmp = Path(tempfile.mkdtemp(prefix="merged-eval-"))
+                model = str(merge_adapter(base, adapter, tmp / "merged"))
+            try:
+                log(f"    generating {sum(map(len, tuned.values()))} answers with the fine-tuned model")
+                res, eng = generate_answers(engine, model, tuned, max_new, cfg.serve, log=log)
+            finally:
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            results.update(res)
+            used.update({k: eng for k in res})
+    if "base_no_retrieval" in results:
+        report["base_no_retrieval"] = _metrics(results, "base_no_retrieval", questions, None, None,
+                                               used["base_no_retrieval"])
+    if "base" in results:
+        report["base"] = _metrics(results, "base", questions, contexts, "base_unanswerable", used["base"])
+    if "finetuned" in results:
+        report["finetuned"] = _metrics(results, "finetuned", questions, contexts, "finetuned_unanswerable",
+                                       used["finetuned"])
+    report["examples"] = _examples(questions, contexts, report)
+    return report
+
+
+def _metrics(res: dict, name: str, questions, contexts, unans_name: str | None, engine: str) -> dict:
+    texts = res[name]["texts"]
+    m = score(texts, questions, contexts, res[unans_name]["texts"] if unans_name else None)
+    seconds = res[name]["seconds"] + (res[unans_name]["seconds"] if unans_name else 0)
+    tokens = res[name]["tokens"] + (res[unans_name]["tokens"] if unans_name else 0)
+    m["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 else 0.0
+    m["questions"] = float(len(questions))
+    if unans_name:
+        m["unanswerable_questions"] = float(len(res[unans_name]["texts"]))
+    m["engine"] = engine  # type: ignore[assignment] - text: the table printer skips it
+    m["_answers"] = texts  # type: ignore[assignment] - moved to "examples" below
+    return m
+
+
+def _examples(questions, contexts, report: dict, n: int = 5) -> list[dict]:
+    """The first few answers of each system next to the gold answer, for reading (not for scoring)."""
+    rows = []
+    for i, q in enumerate(questions[:n]):
+        row = {"question": q["question"], "gold": q["answer"], "source": q.get("source"),
+               "passages": [p["source"] for p in contexts[i]]}
+        for s in SYSTEMS:
+            if s in report:
+                row[s] = report[s]["_answers"][i]
+        rows.append(row)
+    for s in SYSTEMS:
+        if s in report:
+            report[s].pop("_answers")
+    return rows
+
+
+def answer_report(bundle, questions: Sequence[dict], limit: int | None = None) -> dict:
+    """Answer metrics for a bundle (``serving.bundle.Bundle``) on held-out questions: {system: metrics} plus
+    a few "examples" (answers next to the gold ones). Reuses the build's
+    ``eval/answers.json`` when it scored the same questions with the same settings."""
+    from builder.config import config_from_dict
+    from serving.retrieval import Retriever
+
+    cfg = config_from_dict(bundle.manifest.get("config", {}))
+    picked = select_questions(questions, limit or cfg.eval.max_answer_questions)
+    if not picked:
+        return {}
+    key = question_digest(picked, _settings_key(cfg, bundle.top_k, bundle.adapter_path() is not None))
+    cached = bundle.path / ANSWERS_FILE
+    if cached.is_file():
+        data = json.loads(cached.read_text())
+        if data.get("key") == key:
+            return dict(data["report"], cached=ANSWERS_FILE)
+    retriever = Retriever.load(bundle.path)
+    return evaluate_answers(retriever, picked, bundle.top_k, bundle.base_model_path(), cfg,
+                            adapter=bundle.adapter_path(), merged=bundle.merged_path())
+
+
+def _settings_key(cfg, top_k: int, finetuned: bool) -> dict:
+    return {"top_k": top_k, "max_new_tokens": cfg.llm.max_new_tokens, "finetuned": finetuned, "v": 1}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Answer evaluation helpers (the vLLM child process).")
+    ap.add_argument("--generate", metavar="JOB.json", required=True, help="run one vLLM generation job")
+    args = ap.parse_args(argv)
+    return _vllm_child(args.generate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

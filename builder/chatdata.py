@@ -1,0 +1,342 @@
+"""Retrieval-augmented chat examples for LoRA training, in the style of RAFT (Zhang et al., 2024).
+
+Each example is the conversation serving will hold (``serving.prompting.build_messages``): the system prompt,
+then the question under numbered passages that the bundle's own retriever returned for it, then the target
+answer. In most examples the passage that holds the answer (the "gold" chunk) is among the passages, next to
+retrieved distractors, and the target quotes the answer and cites that passage ``[n]``. In a share of
+``llm.p_gold_absent`` examples every chunk of the answer's document is taken out of the context, and the
+target is the refusal sentence, so the model learns to decline instead of guessing.
+
+Where the answers come from, in order of preference:
+- ``question``: the supervision the folder brings (its FAQ train split and ``--questions``), answer as given;
+- ``teacher``: a question/answer pair per chunk written by a teacher model (``datagen.teacher_url``);
+- ``synthetic``: made without any model: a section heading asks about its section and the answer is a
+  sentence of the chunk, quoted verbatim (short extractive targets are what a small model can learn).
+
+Every choice is fixed by the seed and the text (hashes, not global random state), so a rebuild writes the same
+file and resumes the same training run.
+
+    python -c "from builder.chatdata import read_examples; print(len(read_examples('bundle/data/chat_train.jsonl')))"
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+from builder.datagen import stable_fraction
+from builder.evaluate import group_by_source, normalize
+from serving.prompting import REFUSAL, build_messages, cite
+
+TokenCount = Callable[[list[dict]], int]  # tokens of a whole conversation, chat template included
+# A question's gold chunk that is not in the retrieved context is put there; the retriever's next best
+# candidates fill in for chunks taken out, so more are asked for than the context holds.
+EXTRA_CANDIDATES = 12
+MIN_PASSAGE_WORDS = 24  # distractors are shortened to fit max_seq_len, never below this
+_WORD = re.compile(r"[a-z0-9]+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+
+
+def _words(text: str) -> set[str]:
+    from serving.retrieval import STOPWORDS
+
+    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
+
+
+def _body(chunk: dict) -> str:
+    """A chunk's text without the header line (title > headings) that the chunker puts first."""
+    head, sep, body = chunk["text"].partition("\n")
+    return body.strip() if sep and body.strip() else chunk["text"].strip()
+
+
+def is_own_qa_chunk(question: str, chunk: dict) -> bool:
+    """A question/answer chunk that restates this very question: in the index only for training questions,
+    so a context holding it would teach a shortcut that held-out questions never offer."""
+    return chunk.get("kind") == "qa" and normalize(question) in normalize(chunk["text"])
+
+
+def find_gold(question: dict, chunks: Sequence[dict], by_source: dict[str, list[int]] | None = None,
+              norm_texts: Sequence[str] | None = None, min_overlap: float = 0.5) -> list[int]:
+    """Positions of the chunks that hold a question's answer, best first; [] when none plausibly does.
+
+    The chunks (of the question's source document, where it names one) that contain the answer verbatim;
+    else the one chunk sharing most of the answer's content words (at least ``min_overlap`` of them when the
+    question names no source). The question's own question/answer chunk never counts.
+    """
+    by_source = by_source if by_source is not None else group_by_source(chunks)
+    norm_texts = norm_texts if norm_texts is not None else [normalize(c["text"]) for c in chunks]
+    answer = normalize(question.get("answer", ""))
+    if not answer:
+        return []
+    source = question.get("source")
+    pool = by_source.get(source, []) if source in by_source else range(len(chunks))
+    pool = [i for i in pool if not is_own_qa_chunk(question["question"], chunks[i])]
+    hits = [i for i in pool if answer in norm_texts[i]]
+    if hits:
+        return hits
+    want = _words(question["answer"])
+    if not want:
+        return []
+    best, best_score = None, 0.0
+    for i in pool:
+        score = len(want & _words(chunks[i]["text"])) / len(want)
+        if score > best_score:
+            best, best_score = i, score
+    if best is None or (source not in by_source and best_score < min_overlap):
+        return []
+    return [best]
+
+
+def synthetic_questions(chunks: Sequence[dict], per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
+    """Extractive question/answer pairs made from the chunks alone: the question names the section (document
+    title and heading) and asks what it says; the answer is one of the chunk's sentences, verbatim.
+
+    Chunks are visited in a seeded order, so a small ``limit`` still spreads over the documents."""
+    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i]["chunk_id"], seed))
+    out: list[dict] = []
+    for i in order:
+        if len(out) >= limit:
+            break
+        c = chunks[i]
+        if c.get("kind") == "qa":
+            continue
+        sentences = [s.strip() for s in _SENTENCE.split(_body(c).replace("\n", " "))]
+        sentences = [s for s in sentences if 6 <= len(s.split()) <= 45]
+        if not sentences:
+            continue
+        rng = random.Random(f"{seed}:{c['chunk_id']}")
+        heading = (c.get("location") or "").split(">")[-1].strip()
+        topic = heading if heading and heading != c.get("title") else c.get("title") or c["source"]
+        templates = [f"What does {c.get('title') or c['source']} say about {topic.lower()}?",
+                     f"{topic}: what should I know?",
+                     f"Tell me about {topic.lower()} ({c.get('title') or c['source']})."]
+        for sentence in rng.sample(sentences, min(per_chunk, len(sentences))):
+            out.append({"question": rng.choice(templates), "answer": sentence, "source": c["source"],
+                        "origin": "synthetic", "gold": [i]})
+            if len(out) >= limit:
+                break
+    return out
+
+
+def teacher_questions(chunks: Sequence[dict], ask: Callable[[str], str], per_chunk: int, limit: int,
+                      seed: int = 0) -> list[dict]:
+    """Question/answer pairs written by a teacher model, one call per chunk; ``ask(prompt) -> reply text``.
+
+    The teacher must answer with a sentence quoted from the chunk; a reply that is not JSON, or whose answer is
+    not in the chunk, is dropped (a teacher that paraphrases would teach the student to invent wording)."""
+    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i]["chunk_id"], seed))
+    out: list[dict] = []
+    for i in order:
+        if len(out) >= limit:
+            break
+        c = chunks[i]
+        if c.get("kind") == "qa":
+            continue
+        prompt = (f"Write {per_chunk} question(s) a user could ask that this passage answers, each with an "
+                  "answer copied word for word from the passage (one sentence or less). Reply with JSON only: "
+                  '[{"question": "...", "answer": "..."}]\n\nPassage:\n' + c["text"])
+        try:
+            reply = ask(prompt)
+            start, end = reply.find("["), reply.rfind("]")
+            items = json.loads(reply[start:end + 1]) if start >= 0 and end > start else []
+        except Exception:  # noqa: BLE001 - a failing teacher costs examples, never the build
+            continue
+        for item in items[:per_chunk]:
+            if not isinstance(item, dict):
+                continue
+            q, a = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
+            if q and a and normalize(a) in normalize(c["text"]):
+                out.append({"question": q, "answer": a, "source": c["source"], "origin": "teacher", "gold": [i]})
+    return out[:limit]
+
+
+def openai_teacher(base_url: str, model: str, timeout: float = 60.0) -> Callable[[str], str]:
+    """``ask(prompt)`` over an OpenAI-compatible endpoint (temperature 0)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="not-needed", timeout=timeout)
+
+    def ask(prompt: str) -> str:
+        r = client.chat.completions.create(model=model, temperature=0.0, max_tokens=400,
+                                           messages=[{"role": "user", "content": prompt}])
+        return r.choices[0].message.content or ""
+    return ask
+
+
+def _passage(chunk: dict) -> dict:
+    return {"text": chunk["text"], "source": chunk["source"], "location": chunk.get("location", "")}
+
+
+def _shorten(text: str, words: int) -> str:
+    parts = text.split()
+    return text if len(parts) <= words else " ".join(parts[:words]) + " ..."
+
+
+def fit_context(question: str, passages: list[dict], answer: str, keep: set[int], count: TokenCount,
+                max_tokens: int) -> list[dict] | None:
+    """Shorten passages (longest distractor first, never below MIN_PASSAGE_WORDS words), then drop
+    distractors from the end, until the conversation fits ``max_tokens``; None when even that fails.
+    Passages at positions in ``keep`` (the gold ones) are never touched."""
+    passages = [dict(p) for p in passages]
+
+    def size(ps: list[dict]) -> int:
+        return count(build_messages(question, ps) + [{"role": "assistant", "content": answer}])
+
+    total = size(passages)
+    for _ in range(12):
+        if total <= max_tokens:
+            return passages
+        free = [j for j in range(len(passages)) if j not in keep
+                and len(passages[j]["text"].split()) > MIN_PASSAGE_WORDS]
+        if not free:
+            break
+        j = max(free, key=lambda k: len(passages[k]["text"].split()))
+        n = len(passages[j]["text"].split())
+        over_words = int((total - max_tokens) * 0.8) + 1  # roughly 1.3 tokens per word
+        passages[j]["text"] = _shorten(passages[j]["text"], max(MIN_PASSAGE_WORDS, n - over_words))
+        total = size(passages)
+    while total > max_tokens and len(passages) > 1:
+        drop = [j for j in range(len(passages)) if j not in keep]
+        if not drop:
+            break
+        passages.pop(drop[-1])
+        keep = {k - 1 if k > drop[-1] else k for k in keep}
+        total = size(passages)
+    for _ in range(8):  # last resort: the gold passage itself, cut to a window around the answer
+        if total <= max_tokens:
+            return passages
+        j = max(keep or range(len(passages)), key=lambda k: len(passages[k]["text"].split()))
+        n = len(passages[j]["text"].split())
+        if n <= MIN_PASSAGE_WORDS:
+            return None
+        target = max(MIN_PASSAGE_WORDS, n - int((total - max_tokens) * 0.8) - 1)
+        passages[j]["text"] = _window(passages[j]["text"], answer, target)
+        total = size(passages)
+    return passages if total <= max_tokens else None
+
+
+def _window(text: str, answer: str, words: int) -> str:
+    """About ``words`` words of ``text`` around where ``answer`` starts (its first words), else its beginning."""
+    parts = text.split()
+    if len(parts) <= words:
+        return text
+    probe = [w.lower() for w in answer.split()[:4]]
+    lowered = [w.lower() for w in parts]
+    start = next((i for i in range(len(parts)) if probe and lowered[i:i + len(probe)] == probe), 0)
+    begin = max(0, min(start - words // 4, len(parts) - words))
+    piece = " ".join(parts[begin:begin + words])
+    return ("... " if begin else "") + piece + (" ..." if begin + words < len(parts) else "")
+
+
+def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankings: Sequence[Sequence[int]],
+                       context_chunks: int, p_gold_absent: float, seed: int = 0,
+                       count: TokenCount | None = None, max_tokens: int | None = None) -> list[dict]:
+    """One chat example per question that some chunk answers.
+
+    ``questions``: {"question", "answer", "source"?, "origin"?, "gold"? (chunk positions, else found here)};
+    ``rankings``: the retriever's chunk positions for each question, best first (``Retriever.rank``).
+    Returns rows {"messages", "question", "answer", "origin", "gold_in_context", "cited", "context_chunk_ids",
+    "gold_chunk_ids"}; the last message is the assistant's target.
+    """
+    by_source = group_by_source(chunks)
+    norm_texts = [normalize(c["text"]) for c in chunks]
+    out: list[dict] = []
+    for q, ranking in zip(questions, rankings):
+        gold = list(q.get("gold") or find_gold(q, chunks, by_source, norm_texts))
+        if not gold:
+            continue
+        key = f"{q['question']}\n{q['answer']}"
+        rng = random.Random(f"{seed}:chat:{key}")
+        absent = stable_fraction(key, seed + 1) < p_gold_absent
+        own = {i for i in ranking if is_own_qa_chunk(q["question"], chunks[i])}
+        if absent:
+            # Nothing that could hold the answer: no chunk of its document, none containing its words.
+            answer_norm = normalize(q["answer"])
+            banned = set(gold) | set(by_source.get(chunks[gold[0]]["source"], [])) | own
+            context = [i for i in ranking if i not in banned and answer_norm not in norm_texts[i]][:context_chunks]
+            target = REFUSAL
+            cited: list[int] = []
+        else:
+            context = [i for i in ranking if i not in own][:context_chunks]
+            if not any(g in context for g in gold):
+                # The retriever missed it: the gold chunk takes a random place, as it might at serving time.
+                pos = rng.randrange(min(len(context), context_chunks - 1) + 1) if context else 0
+                context = (context[:pos] + [gold[0]] + context[pos:])[:context_chunks]
+            gold_positions = [j for j, i in enumerate(context) if i in gold]
+            cited = [gold_positions[0] + 1]
+            target = cite(q["answer"], cited[0])
+        if not context:
+            continue
+        passages = [_passage(chunks[i]) for i in context]
+        if count is not None and max_tokens:
+            keep = {j for j, i in enumerate(context) if i in gold}
+            fitted = fit_context(q["question"], passages, target, keep, count, max_tokens)
+            if fitted is None:
+                continue
+            if len(fitted) < len(passages):  # distractors dropped from the end: gold positions unchanged
+                context = context[:len(fitted)]
+            passages = fitted
+        messages = build_messages(q["question"], passages) + [{"role": "assistant", "content": target}]
+        out.append({"messages": messages, "question": q["question"], "answer": q["answer"],
+                    "origin": q.get("origin") or "question", "gold_in_context": not absent, "cited": cited,
+                    "context_chunk_ids": [chunks[i]["chunk_id"] for i in context],
+                    "gold_chunk_ids": [chunks[i]["chunk_id"] for i in gold]})
+    return out
+
+
+def write_examples(rows: Sequence[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_examples(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def build_chat_data(cfg, chunks: Sequence[dict], train_questions: Sequence[dict], retriever, out_path: Path,
+                    count: TokenCount | None = None, wanted: int | None = None, log=None) -> list[dict]:
+    """The build's chat data: supervised questions first, then teacher and synthetic pairs up to ``wanted``
+    examples (what training will consume), contexts from ``retriever``; written to ``out_path`` (JSONL)."""
+    llm, dg = cfg.llm, cfg.datagen
+    wanted = wanted if wanted is not None else llm.max_steps * llm.batch_size
+    pool: list[dict] = [dict(q, origin="question") for q in train_questions]
+    short = max(0, wanted - len(pool))
+    if short and dg.teacher_url:
+        try:
+            ask = openai_teacher(dg.teacher_url, dg.teacher_model)
+            pool += teacher_questions(chunks, ask, dg.teacher_questions_per_chunk, short, cfg.seed)
+        except Exception as exc:  # noqa: BLE001 - no teacher means fewer examples, not a failed build
+            if log:
+                log(f"    teacher at {dg.teacher_url} failed ({exc}); using synthetic questions")
+        short = max(0, wanted - len(pool))
+    if short:
+        pool += synthetic_questions(chunks, max(1, dg.synthetic_per_chunk), min(short, dg.max_synthetic), cfg.seed)
+    rankings = [[i for i, _ in r] for r in _rank_all(retriever, [q["question"] for q in pool],
+                                                      llm.context_chunks + EXTRA_CANDIDATES)]
+    rows = make_chat_examples(pool, chunks, rankings, llm.context_chunks, llm.p_gold_absent, cfg.seed,
+                              count=count, max_tokens=llm.max_seq_len)
+    write_examples(rows, out_path)
+    return rows
+
+
+def _rank_all(retriever, queries: list[str], k: int, batch: int = 128) -> list:
+    out: list = []
+    for start in range(0, len(queries), batch):
+        out.extend(retriever.rank(queries[start:start + batch], k))
+    return out
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Counts for the manifest: examples by origin and how many lack the answer."""
+    origins: dict[str, int] = {}
+    for r in rows:
+        origins[r["origin"]] = origins.get(r["origin"], 0) + 1
+    return {"examples": len(rows), "by_origin": origins,
+            "gold_absent": sum(1 for r in rows if not r["gold_in_context"])}

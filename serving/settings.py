@@ -1,0 +1,66 @@
+"""Settings of the RAG gateway: which bundles it serves, where vLLM is, and how requests are handled.
+
+`assistant serve` fills these in from the command line; `GatewaySettings.from_env()` lets the gateway run
+on its own in front of a vLLM started elsewhere:
+
+    ASSISTANT_BUNDLE=bundles/latest ASSISTANT_VLLM_URL=http://127.0.0.1:8000/v1 \
+        .venv/bin/uvicorn --factory serving.api:create_app_from_env --port 7860
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServedModel:
+    """One served bundle: the name clients ask for, its folder, and the model name vLLM knows it by."""
+
+    name: str
+    bundle_dir: Path
+    upstream_model: str
+    weights: str = "base"  # what vLLM serves for it: 'merged', 'adapter' or 'base' (shown in the UI header)
+
+
+@dataclass
+class GatewaySettings:
+    models: list[ServedModel]
+    vllm_base_url: str = "http://127.0.0.1:8000/v1"
+    vllm_api_key: str | None = None  # key the gateway sends to vLLM
+    api_key: str | None = None  # key clients must send to the gateway (None: open)
+    local_generation: bool = False  # generate with transformers in-process instead of calling vLLM (debugging)
+    upstream_timeout_s: float = 300.0  # longest wait for one upstream generation
+    connect_timeout_s: float = 3.0  # a vLLM that does not accept a connection by then counts as down
+    history_messages: int = 6  # earlier turns (user + assistant messages) kept in the prompt
+    retrieval_device: str = "cpu"  # the query embedder is small; keeping it off the GPU leaves vLLM its memory
+    # torch threads for query embedding. vLLM keeps the cores busy; one thread embeds a short query fastest
+    # beside it (MiniLM, 2-core machine, vLLM loaded: 13 ms median with 1 thread, 77 ms with 2). 0: leave as is.
+    retrieval_threads: int = 1
+    ui: bool = True  # mount the Gradio chat at ui_path
+    ui_path: str = "/"
+    title: str = "Domain assistant"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> GatewaySettings:
+        """ASSISTANT_BUNDLE (one or more, separated by ':'), ASSISTANT_VLLM_URL, ASSISTANT_VLLM_API_KEY,
+        ASSISTANT_API_KEY, ASSISTANT_MODEL_NAME, ASSISTANT_UPSTREAM_MODEL."""
+        from serving.bundle import Bundle
+
+        raw = os.environ.get("ASSISTANT_BUNDLE", "bundles")
+        models = []
+        for path in [p for p in raw.split(os.pathsep) if p]:
+            bundle = Bundle.load(path)
+            name = os.environ.get("ASSISTANT_MODEL_NAME") if len(models) == 0 else None
+            name = name or served_model_name(bundle)
+            models.append(ServedModel(name, bundle.path, os.environ.get("ASSISTANT_UPSTREAM_MODEL", name)))
+        key = os.environ.get("ASSISTANT_API_KEY") or None
+        return cls(models=models, vllm_base_url=os.environ.get("ASSISTANT_VLLM_URL", cls.vllm_base_url),
+                   vllm_api_key=os.environ.get("ASSISTANT_VLLM_API_KEY") or key, api_key=key)
+
+
+def served_model_name(bundle) -> str:
+    """The name a bundle is served under (config serve.served_model_name, 'assistant' by default)."""
+    return str(bundle.manifest.get("config", {}).get("serve", {}).get("served_model_name") or "assistant")

@@ -1,0 +1,110 @@
+"""The launcher's supervision of vLLM, with a stand-in for vLLM (tests/fake_upstream.py) so it runs in seconds:
+SIGTERM stops both servers, and a vLLM that dies takes the launcher down with a message saying so.
+
+    .venv/bin/python -m pytest -m integration tests/integration/test_launcher.py -q
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.fake_upstream import free_port
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = REPO / "tests" / "fake_upstream.py"
+
+# Runs `serve()` with plan_vllm's command swapped for the stand-in; everything else is the real launcher.
+WRAPPER = textwrap.dedent("""
+    import sys
+    import serving.vllm_server as vs
+    from serving.launcher import serve
+
+    bundle, port, vllm_port, fake, exit_after = sys.argv[1:6]
+    real_plan = vs.plan_vllm
+
+    def plan_with_stand_in(b, **kw):
+        plan = real_plan(b, **kw)
+        plan.argv = [sys.executable, fake, "--port", str(kw["port"]), "--model", plan.served_name,
+                     "--api-key", kw["api_key"]] + (["--exit-after", exit_after] if exit_after != "-" else [])
+        return plan
+
+    vs.plan_vllm = plan_with_stand_in
+    sys.exit(serve(bundle, port=int(port), vllm_port=int(vllm_port), api_key="k",
+                   vllm_log=sys.argv[6], ready_timeout=120))
+""")
+
+
+def start(tiny_bundle, tmp_path, exit_after: str = "-"):
+    port, vllm_port = free_port(), free_port()
+    script = tmp_path / "serve_with_stand_in.py"
+    script.write_text(WRAPPER)
+    with open(tmp_path / "launcher.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(script), str(tiny_bundle), str(port), str(vllm_port),
+                                 str(FAKE), exit_after, str(tmp_path / "vllm.log")], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return proc, port, vllm_port, tmp_path / "launcher.log"
+
+
+def wait_ready(proc, port: int, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"launcher exited early ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=3) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"launcher not ready in {timeout} s:\n{log.read_text()[-2000:]}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_stops_the_gateway_and_vllm(tiny_bundle, tmp_path):
+    proc, port, vllm_port, log = start(tiny_bundle, tmp_path)
+    try:
+        wait_ready(proc, port, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        resp = client.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "Striga?"}])
+        assert resp.choices[0].message.content.startswith(f"According to {resp.sources[0]['source']}")
+        assert f"http://127.0.0.1:{vllm_port}/v1" in log.read_text()  # the raw vLLM URL is printed
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "vLLM stopped" in log.read_text()
+    assert not port_open(vllm_port) and not port_open(port)
+
+
+def test_launcher_exits_with_vllms_last_words_when_vllm_dies(tiny_bundle, tmp_path):
+    proc, port, _vllm_port, log = start(tiny_bundle, tmp_path, exit_after="25")
+    try:
+        code = proc.wait(240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the launcher kept running after vLLM died:\n{log.read_text()[-2000:]}")
+    text = log.read_text()
+    assert code == 1, text[-2000:]
+    assert "vLLM exited (code 3)" in text and "simulated crash" in text  # the end of vLLM's log is shown
+    assert str(tmp_path / "vllm.log") in text
+    assert not port_open(port)

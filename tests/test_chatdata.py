@@ -1,0 +1,171 @@
+"""Chat examples for LoRA training: RAFT-style contexts from the retriever, grounded targets with citations."""
+
+from __future__ import annotations
+
+import json
+
+from builder import chatdata
+from serving.prompting import REFUSAL, parse_citations
+
+
+def _chunk(i: int, source: str, text: str, kind: str = "text") -> dict:
+    return {"chunk_id": f"c{i:03d}", "source": source, "location": f"Doc {source} > Part {i}", "title": source,
+            "text": f"{source} > Part {i}\n{text}", "n_tokens": len(text.split()), "kind": kind}
+
+
+def _corpus() -> list[dict]:
+    chunks = []
+    for d in range(6):
+        for p in range(4):
+            i = len(chunks)
+            chunks.append(_chunk(i, f"doc{d}.md", f"Document {d} part {p} explains topic {d}-{p} in plain words. "
+                                                  f"The figure for item {d}{p} is {d * 10 + p} kilograms per acre. "
+                                                  "Farmers should keep records of every delivery."))
+    return chunks
+
+
+def _questions(chunks: list[dict], n: int = 40) -> list[dict]:
+    qs = []
+    for k in range(n):
+        i = (k * 7) % len(chunks)
+        d, p = divmod(i, 4)
+        qs.append({"question": f"What is the figure for item {d}{p}? (variant {k})",
+                   "answer": f"The figure for item {d}{p} is {d * 10 + p} kilograms per acre.",
+                   "source": f"doc{d}.md"})
+    return qs
+
+
+def _rankings(questions: list[dict], chunks: list[dict], hit: bool = True) -> list[list[int]]:
+    """A fake retriever: the gold chunk first (or missing), then the chunks after it."""
+    out = []
+    for q in questions:
+        gold = chatdata.find_gold(q, chunks)[0]
+        rest = [j for j in range(len(chunks)) if j != gold]
+        rest = rest[gold:] + rest[:gold]
+        out.append(([gold] if hit else []) + rest[:10])
+    return out
+
+
+def test_answer_bearing_chunk_is_found_verbatim_and_by_overlap():
+    chunks = _corpus()
+    q = {"question": "x", "answer": "the figure for item 21 is 21 kilograms per acre", "source": "doc2.md"}
+    assert chatdata.find_gold(q, chunks) == [9]
+    paraphrase = {"question": "x", "answer": "Item 21: twenty-one kilograms per acre, figure 21", "source": "doc2.md"}
+    assert chatdata.find_gold(paraphrase, chunks) == [9]
+    assert chatdata.find_gold({"question": "x", "answer": "unrelated words entirely", "source": None}, chunks) == []
+
+
+def test_most_examples_hold_the_gold_chunk_and_cite_it_some_hold_nothing_and_refuse():
+    chunks = _corpus()
+    questions = _questions(chunks, 200)
+    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+                                       p_gold_absent=0.2, seed=3)
+    assert len(rows) == len(questions)
+    by_id = {c["chunk_id"]: c for c in chunks}
+    absent = [r for r in rows if not r["gold_in_context"]]
+    assert 0.1 < len(absent) / len(rows) < 0.3
+    for r in rows:
+        target = r["messages"][-1]
+        assert target["role"] == "assistant"
+        assert r["messages"][0]["role"] == "system" and "Passages:" in r["messages"][1]["content"]
+        context = [by_id[i] for i in r["context_chunk_ids"]]
+        assert 1 <= len(context) <= 3
+        if r["gold_in_context"]:
+            cited = parse_citations(target["content"], len(context))
+            assert cited == r["cited"] and len(cited) == 1
+            assert context[cited[0] - 1]["chunk_id"] in r["gold_chunk_ids"]
+            assert target["content"].startswith(r["answer"])
+        else:
+            assert target["content"] == REFUSAL
+            gold_source = by_id[r["gold_chunk_ids"][0]]["source"]
+            assert all(c["source"] != gold_source for c in context)
+            assert all(r["answer"].lower() not in c["text"].lower() for c in context)
+
+
+def test_gold_chunk_missed_by_the_retriever_is_put_into_the_context():
+    chunks = _corpus()
+    questions = _questions(chunks, 30)
+    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks, hit=False),
+                                       context_chunks=4, p_gold_absent=0.0, seed=0)
+    assert all(r["gold_in_context"] for r in rows)
+    assert all(set(r["gold_chunk_ids"]) & set(r["context_chunk_ids"]) for r in rows)
+    assert all(len(r["context_chunk_ids"]) == 4 for r in rows)
+    # Not always in the first place, or the model would learn to cite [1] whatever the passages say.
+    assert len({r["cited"][0] for r in rows}) > 1
+
+
+def test_a_training_questions_own_qa_chunk_never_enters_its_context():
+    chunks = _corpus()
+    q = {"question": "What is the figure for item 10?", "answer": "The figure for item 10 is 10 kilograms per acre.",
+         "source": "doc1.md"}
+    own = _chunk(len(chunks), "faq.qa.jsonl", f"Q: {q['question']}\nA: {q['answer']}", kind="qa")
+    chunks.append(own)
+    ranking = [[len(chunks) - 1, 4, 0, 1]]
+    rows = chatdata.make_chat_examples([q], chunks, ranking, context_chunks=3, p_gold_absent=0.0, seed=0)
+    assert own["chunk_id"] not in rows[0]["context_chunk_ids"]
+    assert rows[0]["gold_chunk_ids"] == [chunks[4]["chunk_id"]]
+
+
+def test_contexts_are_shortened_to_fit_max_tokens_without_touching_the_gold_passage():
+    chunks = _corpus()
+    for c in chunks:
+        c["text"] = c["text"] + " " + " ".join(f"filler{k}" for k in range(150))
+    questions = _questions(chunks, 20)
+
+    def count(messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+                                       p_gold_absent=0.0, seed=0, count=count, max_tokens=330)
+    assert rows
+    by_id = {c["chunk_id"]: c for c in chunks}
+    for r in rows:
+        assert count(r["messages"]) <= 330
+        gold_text = by_id[r["gold_chunk_ids"][0]]["text"]
+        assert gold_text in r["messages"][1]["content"]
+
+
+def test_an_example_that_cannot_fit_is_dropped_not_emptied():
+    chunks = _corpus()
+    questions = _questions(chunks, 5)
+    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+                                       p_gold_absent=0.0, seed=0,
+                                       count=lambda m: sum(len(x["content"].split()) for x in m), max_tokens=30)
+    assert rows == []
+
+
+def test_synthetic_pairs_quote_a_sentence_of_their_chunk_and_are_deterministic():
+    chunks = _corpus()
+    a = chatdata.synthetic_questions(chunks, per_chunk=1, limit=10, seed=5)
+    b = chatdata.synthetic_questions(chunks, per_chunk=1, limit=10, seed=5)
+    assert a == b and len(a) == 10
+    assert len({q["source"] for q in a}) > 2  # spread over documents, not the first chunks only
+    for q in a:
+        assert q["answer"] in chunks[q["gold"][0]]["text"]
+        assert q["question"].endswith(("?", "."))
+
+
+def test_teacher_pairs_keep_only_answers_copied_from_the_passage():
+    chunks = _corpus()[:4]
+    replies = {  # by the part the prompt's passage comes from
+        "Part 0": json.dumps([{"question": "What figure for item 00?",
+                               "answer": "The figure for item 00 is 0 kilograms per acre."}]),
+        "Part 1": json.dumps([{"question": "Paraphrased?", "answer": "About one kilo on each acre."}]),
+        "Part 2": "not json at all",
+        "Part 3": "Sure! " + json.dumps([{"question": "Records?",
+                                          "answer": "Farmers should keep records of every delivery."}]),
+    }
+
+    def ask(prompt: str) -> str:
+        return next(reply for part, reply in replies.items() if part in prompt)
+
+    got = chatdata.teacher_questions(chunks, ask, per_chunk=1, limit=10)
+    assert sorted(q["question"] for q in got) == ["Records?", "What figure for item 00?"]
+    assert all(q["origin"] == "teacher" and q["answer"] in chunks[q["gold"][0]]["text"] for q in got)
+
+
+def test_the_same_inputs_give_the_same_examples():
+    chunks = _corpus()
+    questions = _questions(chunks, 40)
+    args = (questions, chunks, _rankings(questions, chunks), 3, 0.3, 9)
+    assert chatdata.make_chat_examples(*args) == chatdata.make_chat_examples(*args)

@@ -1,0 +1,124 @@
+"""The embedder stage: training with sentence-transformers' trainer, and the promotion gate that keeps the base
+embedder unless fine-tuning retrieves better on held-out pairs. A random tiny BERT keeps each test to seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from builder import chunk as chunk_stage
+from builder import datagen, embedder, ingest
+from builder.config import ChunkConfig, IngestConfig, load_config
+from builder.models import build_tiny_bert, file_sha256
+
+KNOWLEDGE = Path(__file__).resolve().parent.parent / "knowledge"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def chunks() -> list[dict]:
+    res = ingest.run(IngestConfig(), KNOWLEDGE / "crops", log=lambda _: None)
+    docs = [d for d in res.documents if d.source in ("maize.md", "beans.md")]
+    assert docs, "knowledge/crops lacks maize.md and beans.md"
+    cfg = ChunkConfig(max_tokens=60, overlap_tokens=0, min_tokens=8)
+    return [c.to_dict() for c in chunk_stage.run(cfg, docs, lambda ts: [len(t.split()) + 2 for t in ts])]
+
+
+@pytest.fixture(scope="module")
+def base_model(chunks, tmp_path_factory) -> Path:
+    return build_tiny_bert([c["text"] for c in chunks], tmp_path_factory.mktemp("base") / "tiny-bert", seed=3)
+
+
+def same_model(copy: Path, original: Path) -> bool:
+    """Every file of the bundle's embedder folder is byte-identical to the original's."""
+    files = [p.relative_to(copy) for p in copy.rglob("*") if p.is_file()]
+    return bool(files) and all(file_sha256(copy / f) == file_sha256(original / f) for f in files)
+
+
+def tiny_cfg(*overrides: str):
+    return load_config("tiny", overrides=["embedder.max_pairs=96", "embedder.batch_size=16",
+                                          "embedder.eval_fraction=0.3", "datagen.max_synthetic=96", *overrides])
+
+
+def test_gate_keeps_the_base_embedder_when_training_learns_nothing(chunks, base_model, tmp_path):
+    cfg = tiny_cfg("embedder.learning_rate=0")
+    info = embedder.run(cfg, base_model, chunks, [], tmp_path / "embedder", tmp_path / "data")
+    assert info["finetuned"] is False
+    assert info["decision"].startswith("kept the base embedder")
+    assert info["gate"]["finetuned"]["mrr@10"] == pytest.approx(info["gate"]["base"]["mrr@10"], abs=1e-6)
+    assert same_model(tmp_path / "embedder", base_model)
+    assert info["training"]["steps"] > 0 and info["training"]["learning_rate"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "data" / embedder.PAIRS_FILE).read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    assert info["data"]["pairs"] == len(rows)
+    assert "chunk_embeddings" in info and len(info["chunk_embeddings"]) == len(chunks)
+    assert not (tmp_path / "data" / embedder.BASE_EMBEDDINGS_FILE).exists()  # only kept when a new model ships
+
+
+def test_gate_keeps_the_base_when_the_gain_is_below_min_gain(chunks, base_model, tmp_path):
+    cfg = tiny_cfg("embedder.learning_rate=1e-3", "embedder.min_gain=1.0")  # MRR cannot rise by a whole point
+    info = embedder.run(cfg, base_model, chunks, [], tmp_path / "embedder", tmp_path / "data")
+    assert info["finetuned"] is False and "min_gain 1.0" in info["decision"]
+    assert info["training"]["loss_first"] is not None
+    assert same_model(tmp_path / "embedder", base_model)
+
+
+def test_training_moves_the_weights_with_mnrl_and_no_duplicate_batches(chunks, base_model, tmp_path):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model), device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pairs = datagen.synthetic_pairs(chunks, per_chunk=1, limit=40, supervised={})
+    settings = embedder.train(model, pairs, chunks, tiny_cfg("embedder.learning_rate=1e-3"), "cpu", tmp_path)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) > len(before) // 2
+    assert settings["loss"] == "MultipleNegativesRankingLoss"
+    assert settings["batch_sampler"] == "no_duplicates"
+    assert settings["train_pairs"] == len(pairs) and settings["steps"] == -(-len(pairs) // 16)
+    assert settings["hard_negatives_per_pair"] == 1
+
+
+def test_large_batches_use_the_cached_loss(chunks, base_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model), device="cpu")
+    pairs = datagen.synthetic_pairs(chunks, per_chunk=1, limit=12, supervised={})
+    cfg = tiny_cfg("embedder.batch_size=8", "embedder.cached_loss_above=4")
+    assert embedder.train(model, pairs, chunks, cfg, "cpu", tmp_path)["loss"] == "CachedMultipleNegativesRankingLoss"
+
+
+def test_rows_get_the_same_number_of_negatives_and_none_holds_the_answer(chunks):
+    pairs, _ = datagen.question_pairs([{"question": "How deep should I plant maize seed?", "answer": "5 cm",
+                                        "source": "maize.md"}], chunks)
+    columns = embedder.training_rows(pairs, chunks, n_negatives=3, seed=0)
+    assert list(columns) == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
+    assert all("5 cm" not in columns[f"negative_{j}"][0] for j in (1, 2, 3))
+
+
+def test_promotion_decision_needs_a_gain_above_min_gain():
+    base = {"mrr@10": 0.40, "queries": 50.0}
+    ship, why = embedder.promotion_decision(base, {"mrr@10": 0.45}, min_gain=0.0)
+    assert ship and why.startswith("shipped the fine-tuned embedder") and "50" in why
+    ship, why = embedder.promotion_decision(base, {"mrr@10": 0.40}, min_gain=0.0)
+    assert not ship and why.startswith("kept the base embedder")
+    assert not embedder.promotion_decision(base, {"mrr@10": 0.45}, min_gain=0.1)[0]
+    assert not embedder.promotion_decision(base, {"mrr@10": float("nan")}, min_gain=0.0)[0]
+
+
+def test_finetune_off_copies_the_base_and_says_so(chunks, base_model, tmp_path):
+    info = embedder.run(tiny_cfg("embedder.finetune=false"), base_model, chunks, [], tmp_path / "e", tmp_path / "d")
+    assert info["finetuned"] is False and "disabled" in info["decision"]
+    assert same_model(tmp_path / "e", base_model)

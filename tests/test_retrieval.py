@@ -1,0 +1,172 @@
+"""Retrieval: reciprocal rank fusion, the metric definitions (exact, through the real FAISS index with a one-hot
+keyword encoder), relevance, and the report `assistant eval` prints for BM25 / base / fine-tuned / served."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.evaluate import relevant_chunks, retrieval_metrics, retrieval_report, evaluate_retriever
+from serving.bundle import Bundle
+from serving.retrieval import BM25Index, DenseIndex, Retriever, rrf_fuse
+
+VOCAB = ["k0", "k1", "k2", "k3", "k4", "k5"]
+
+
+def one_hot(texts):
+    rows = []
+    for t in texts:
+        words = set(re.findall(r"k\d", t))
+        rows.append([1.0 if k in words else 0.0 for k in VOCAB])
+    return np.array(rows, dtype=np.float32)
+
+
+# Cosine with q1 = "k0 k1": A 1, B .816, D .707, C .408, E/F 0. With q3 = "k2 k3": C .816, F .5, B .408, rest 0.
+CHUNKS = [
+    {"chunk_id": "A", "source": "a.md", "text": "k0 k1 apples"},
+    {"chunk_id": "B", "source": "doc2.md", "text": "k0 k1 k2 harvest in june"},
+    {"chunk_id": "C", "source": "c.md", "text": "k0 k2 k3 cherries"},
+    {"chunk_id": "D", "source": "d.md", "text": "k0 sunrise"},
+    {"chunk_id": "E", "source": "e.md", "text": "k4 elderberries"},
+    {"chunk_id": "F", "source": "doc2.md", "text": "k3 k5 harvest in june"},
+]
+QUESTIONS = [
+    {"question": "k0 k1", "answer": "Sunrise", "source": "d.md"},  # relevant D, ranked 3rd
+    {"question": "k4", "answer": "elderberries", "source": "e.md"},  # relevant E, ranked 1st
+    {"question": "k2 k3", "answer": "harvest  in June", "source": "doc2.md"},  # relevant B and F, ranked 3rd, 2nd
+]
+
+
+@pytest.fixture()
+def retriever():
+    dense = DenseIndex.build(one_hot([c["text"] for c in CHUNKS]))
+    bm25 = BM25Index.build([c["text"] for c in CHUNKS])
+    return Retriever(CHUNKS, one_hot, dense, bm25, mode="dense")
+
+
+def test_rrf_puts_a_document_both_lists_like_above_one_only_a_single_list_tops():
+    fused = rrf_fuse([[1, 2, 3], [4, 2, 5]], k=60)
+    assert [d for d, _ in fused] == [2, 1, 4, 3, 5]
+    assert fused[0][1] == pytest.approx(2 / 62)
+    assert fused[1][1] == pytest.approx(1 / 61)
+
+
+def test_rrf_scores_are_summed_reciprocal_ranks():
+    fused = dict(rrf_fuse([[1, 2, 3], [3, 1, 4]], k=1))
+    assert fused == pytest.approx({1: 1 / 2 + 1 / 3, 3: 1 / 4 + 1 / 2, 2: 1 / 3, 4: 1 / 4})
+    assert [d for d, _ in rrf_fuse([[1, 2, 3], [3, 1, 4]], k=1)] == [1, 3, 2, 4]
+
+
+def test_rrf_ties_keep_first_seen_order_and_weights_and_limit_apply():
+    assert [d for d, _ in rrf_fuse([[5, 6], [6, 5]])] == [5, 6]
+    assert [d for d, _ in rrf_fuse([[5, 6], [6, 5]], weights=[1.0, 2.0])] == [6, 5]
+    assert len(rrf_fuse([[1, 2, 3], [4, 5, 6]], limit=2)) == 2
+
+
+def test_dense_ranking_through_faiss_follows_cosine(retriever):
+    ranked = [pos for pos, _ in retriever.rank(["k0 k1", "k2 k3"], k=4, mode="dense")[0]]
+    assert ranked == [0, 1, 3, 2]
+    ranked = [pos for pos, _ in retriever.rank(["k2 k3"], k=3, mode="dense")[0]]
+    assert ranked == [2, 5, 1]
+
+
+def test_metrics_on_a_one_hot_encoder_are_exact(retriever):
+    m = evaluate_retriever(retriever, QUESTIONS, mode="dense")
+    ndcg_q1 = (1 / math.log2(4)) / 1.0
+    ndcg_q3 = (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    assert m["questions"] == 3
+    assert m["recall@1"] == pytest.approx(1 / 3, abs=1e-4)
+    assert m["recall@5"] == m["recall@10"] == 1.0
+    assert m["mrr@10"] == pytest.approx((1 / 3 + 1 + 1 / 2) / 3, abs=1e-4)
+    assert m["ndcg@10"] == pytest.approx((ndcg_q1 + 1 + ndcg_q3) / 3, abs=1e-4)
+
+
+def test_recall_at_k_counts_a_hit_only_inside_the_top_k():
+    m = retrieval_metrics([[9, 9, 9, 9, 9, 1]], [{1}])
+    assert (m["recall@1"], m["recall@5"], m["recall@10"]) == (0.0, 0.0, 1.0)
+    assert m["mrr@10"] == pytest.approx(1 / 6, abs=1e-4)
+
+
+def test_questions_without_relevant_chunks_are_left_out_of_the_average():
+    m = retrieval_metrics([[1], [2]], [{1}, set()])
+    assert m["questions"] == 1 and m["recall@1"] == 1.0
+
+
+def test_relevance_is_answer_in_a_chunk_of_the_source_else_the_whole_source():
+    assert relevant_chunks(QUESTIONS[2], CHUNKS) == {1, 5}
+    paraphrase = {"question": "when?", "answer": "in the sixth month", "source": "doc2.md"}
+    assert relevant_chunks(paraphrase, CHUNKS) == {1, 5}
+    other_doc = {"question": "q", "answer": "sunrise", "source": "a.md"}
+    assert relevant_chunks(other_doc, CHUNKS) == {0}  # the answer sits in d.md, which is not the source
+    unsourced = {"question": "q", "answer": "HARVEST in june", "source": None}
+    assert relevant_chunks(unsourced, CHUNKS) == {1, 5}
+
+
+def test_hybrid_fuses_the_dense_and_bm25_rankings(retriever):
+    retriever.candidates = 6
+    dense = [p for p, _ in retriever.rank(["k0 sunrise"], 6, mode="dense")[0]]
+    bm25 = [p for p, _ in retriever.rank(["k0 sunrise"], 6, mode="bm25")[0]]
+    hybrid = retriever.rank(["k0 sunrise"], 3, mode="hybrid")[0]
+    assert hybrid == rrf_fuse([dense, bm25], k=retriever.rrf_k, limit=3)
+    assert hybrid[0][0] == 3  # D leads both lists
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+@pytest.fixture()
+def two_embedder_bundle(tmp_path, monkeypatch) -> Path:
+    """A minimal bundle whose shipped embedder differs from its base (two random tiny BERTs)."""
+    monkeypatch.setenv("ASSISTANT_AUTOCAST", "off")  # cached and hand-made embeddings alike in float32
+    from builder import index
+    from builder.embedder import chunk_ids_digest, encode_texts
+    from builder.models import build_tiny_bert
+    from sentence_transformers import SentenceTransformer
+
+    texts = [f"{c['text']} " + " ".join(["field notes"] * i) for i, c in enumerate(CHUNKS)]
+    chunks = [dict(c, text=t, location="", title="", n_tokens=10, kind="text") for c, t in zip(CHUNKS, texts)]
+    root = tmp_path / "bundle"
+    build_tiny_bert(texts * 3, root / "embedder-base", seed=1)
+    build_tiny_bert(texts * 3, root / "embedder", seed=2)
+    index.run(chunks, root / "embedder", root / "index")
+    base_emb = encode_texts(SentenceTransformer(str(root / "embedder-base"), device="cpu"), texts)
+    (root / "data").mkdir()
+    np.save(root / "data" / "base_chunk_embeddings.npy", base_emb)
+    manifest = {"bundle_id": "test", "retrieval": {"mode": "hybrid", "candidates": 6, "rrf_k": 60},
+                "models": {"embedder": {"finetuned": True, "base": {"name": "tiny", "path": "embedder-base"},
+                                        "base_chunk_embeddings": {"path": "data/base_chunk_embeddings.npy",
+                                                                  "chunk_ids": chunk_ids_digest(chunks)}}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_report_scores_bm25_base_finetuned_and_served_on_the_same_questions(two_embedder_bundle):
+    from sentence_transformers import SentenceTransformer
+
+    from serving.retrieval import st_encoder
+
+    report = retrieval_report(Bundle.load(two_embedder_bundle), QUESTIONS)
+    assert list(report) == ["bm25", "base", "finetuned", "served"]
+    for name in report:
+        assert {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"} <= set(report[name])
+        assert report[name]["questions"] == 3
+    assert report["served"]["mode"] == "hybrid"
+    served = Retriever.load(two_embedder_bundle)
+    assert report["finetuned"] == evaluate_retriever(served, QUESTIONS, mode="dense")
+    # "base" is the base embedder's own dense retrieval, whatever the shipped embedder does
+    base_model = SentenceTransformer(str(two_embedder_bundle / "embedder-base"), device="cpu")
+    base_emb = base_model.encode([c["text"] for c in served.chunks], normalize_embeddings=True)
+    by_hand = Retriever(served.chunks, st_encoder(base_model), DenseIndex.build(base_emb), None, mode="dense")
+    assert report["base"] == evaluate_retriever(by_hand, QUESTIONS, mode="dense")
+
+
+def test_report_base_equals_finetuned_when_the_gate_kept_the_base(two_embedder_bundle):
+    manifest = json.loads((two_embedder_bundle / "manifest.json").read_text())
+    manifest["models"]["embedder"]["finetuned"] = False
+    (two_embedder_bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = retrieval_report(Bundle.load(two_embedder_bundle), QUESTIONS)
+    assert report["base"] == report["finetuned"]
