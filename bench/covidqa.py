@@ -61,8 +61,7 @@ def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict
     paths = {"knowledge": knowledge, "train": work_dir / "train.jsonl", "heldout": work_dir / "heldout.jsonl"}
     for key, rows in (("train", train), ("heldout", held)):
         with open(paths[key], "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return {**paths, "articles": len(paragraphs), "train_questions": len(train), "heldout_questions": len(held)}
 
 
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "llm": {k: manifest["models"]["llm"].get(k) for k in ("decision", "adapter", "merged")},
         "run": {"command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
                 "profile": args.profile, "overrides": overrides, "bundle": str(bundle_path),
-                "machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+                "machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
     }
     out = Path(args.out) if args.out else (REPO / "bench" / "results" / "covidqa.json" if not args.articles
                                             else work / f"covidqa-{args.articles}-articles.json")

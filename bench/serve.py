@@ -7,7 +7,11 @@ gateway's added latency, and the retrieval step's time.
 
 Every request asks for exactly --max-tokens new tokens (min_tokens = max_tokens, EOS ignored), so all three
 engines generate the same amount. The prompts are the real RAG prompts (system prompt, retrieved passages,
-question) for the bundle's held-out and example questions. Writes bench/results/serve.json.
+question) for the bundle's held-out and example questions; vLLM-direct and gateway runs send the same prompts,
+so vLLM's prefix cache is emptied before every measurement (VLLM_SERVER_DEV_MODE=1 enables that endpoint),
+else the second of two runs would skip most of its prefill. `question_only` adds the raw model's throughput
+at the highest concurrency with the bare question as prompt (how people query vLLM directly), for vLLM and
+HF. Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ from serving.retrieval import Retriever
 from serving.settings import served_model_name
 
 KEY = "bench-key"
+WARM_UP = [{"role": "user", "content": "Say hello."}]
+
+
+def reset_prefix_cache(vllm_v1: str) -> None:
+    """Empty vLLM's prefix cache so a measurement does not reuse an earlier one's prefill."""
+    root = vllm_v1.removesuffix("/v1")
+    req = urllib.request.Request(f"{root}/reset_prefix_cache", method="POST", data=b"",
+                                 headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.read()
 
 
 def questions_for(bundle: Bundle, n: int) -> list[str]:
@@ -65,8 +79,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-async def throughput(base_url: str, model: str, payloads: list[dict], concurrency: int, max_tokens: int) -> dict:
-    """Aggregate completion tokens/s with `concurrency` requests in flight."""
+async def throughput(base_url: str, model: str, payloads: list[dict], concurrency: int, max_tokens: int,
+                     vllm_v1: str) -> dict:
+    """Aggregate completion tokens/s with `concurrency` requests in flight (prefix cache emptied first)."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=1800)
@@ -82,8 +97,9 @@ async def throughput(base_url: str, model: str, payloads: list[dict], concurrenc
                                                      messages=p["messages"])
             tokens += r.usage.completion_tokens
 
-    await one(payloads[0])  # warm-up, not counted
+    await one({"messages": WARM_UP})  # warm-up, not counted
     tokens = 0
+    await asyncio.to_thread(reset_prefix_cache, vllm_v1)
     start = time.perf_counter()
     await asyncio.gather(*(one(p) for p in payloads))
     wall = time.perf_counter() - start
@@ -189,11 +205,12 @@ def vllm_alone(bundle_dir: Path, use_merged: str, port: int, payloads: list[dict
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     b = Bundle.load(bundle_dir)
     plan = plan_vllm(b, port=port, api_key=KEY, device="cpu")
-    server = VLLMServer(plan.argv, plan.env, log, f"http://127.0.0.1:{port}", KEY)
+    server = VLLMServer(plan.argv, {**plan.env, "VLLM_SERVER_DEV_MODE": "1"}, log, f"http://127.0.0.1:{port}", KEY)
     server.start()
     try:
         server.wait_ready(900)
-        r = asyncio.run(throughput(f"http://127.0.0.1:{port}/v1", plan.served_name, payloads, level, max_tokens))
+        url = f"http://127.0.0.1:{port}/v1"
+        r = asyncio.run(throughput(url, plan.served_name, payloads, level, max_tokens, url))
     finally:
         server.stop()
     print(f"  vllm {plan.weights:>7} c={level:>2}: {r['tokens_per_s']:7.1f} tok/s", flush=True)
@@ -216,13 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    n_requests = {c: max(2 * c, args.requests if c == max(levels) else 8) for c in levels}
+    n_requests = {c: args.requests if c == max(levels) else max(2 * c, 4) for c in levels}
     bundle = Bundle.load(args.bundle)
     model = served_model_name(bundle)
     questions = questions_for(bundle, max(args.requests, args.samples))
     load_before = os.getloadavg()
 
-    # The same RAG prompts the gateway builds, so that vLLM-direct and gateway runs generate from equal input.
+    # The same RAG prompts the gateway builds, so that vLLM-direct and gateway runs generate from equal input;
+    # retrieval is timed with the gateway's thread setting (GatewaySettings.retrieval_threads).
+    import torch
+
+    from serving.settings import GatewaySettings
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(GatewaySettings.retrieval_threads)
     retriever = Retriever.load(bundle.path)
     retrieval_ms, prompts = [], []
     for q in questions:
@@ -231,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         retrieval_ms.append((time.perf_counter() - start) * 1000)
         prompts.append(build_messages(q, [h.to_dict() for h in hits]))
     del retriever
+    torch.set_num_threads(threads_before)
     print(f"retrieval in-process: median {statistics.median(retrieval_ms):.1f} ms over {len(questions)} questions")
 
     results: dict = {"vllm": {}, "gateway": {}, "hf_batched": {}, "ttft_ms": {}}
@@ -239,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "builder.cli", "serve", str(bundle.path), "--port", str(args.port),
            "--vllm-port", str(args.vllm_port), "--api-key", KEY, "--vllm-log", str(log_dir / "bench-vllm.log")]
     with open(log_dir / "bench-serve.log", "wb") as serve_log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
     gateway, vllm = f"http://127.0.0.1:{args.port}/v1", f"http://127.0.0.1:{args.vllm_port}/v1"
     weights = "?"
     try:
@@ -254,20 +280,25 @@ def main(argv: list[str] | None = None) -> int:
             vllm_payloads = [{"messages": prompts[i % len(prompts)]} for i in range(n)]
             gw_payloads = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}]}
                            for i in range(n)]
-            results["vllm"][str(level)] = asyncio.run(throughput(vllm, model, vllm_payloads, level, args.max_tokens))
+            results["vllm"][str(level)] = asyncio.run(throughput(vllm, model, vllm_payloads, level, args.max_tokens,
+                                                                 vllm))
             print(f"  vllm        c={level:>2}: {results['vllm'][str(level)]['tokens_per_s']:7.1f} tok/s", flush=True)
             results["gateway"][str(level)] = asyncio.run(throughput(gateway, model, gw_payloads, level,
-                                                                    args.max_tokens))
+                                                                    args.max_tokens, vllm))
             print(f"  gateway     c={level:>2}: {results['gateway'][str(level)]['tokens_per_s']:7.1f} tok/s", flush=True)
 
         ttft_gw, ttft_vllm, lat_gw, lat_vllm, gw_retrieval = [], [], [], [], []
         for i in range(args.samples):
             q, msgs = questions[i], prompts[i]
+            reset_prefix_cache(vllm)
             ttft_gw.append(asyncio.run(first_token_ms(gateway, model, [{"role": "user", "content": q}], 8)))
+            reset_prefix_cache(vllm)
             ttft_vllm.append(asyncio.run(first_token_ms(vllm, model, msgs, 8)))
+            reset_prefix_cache(vllm)
             ms, extra = asyncio.run(latency_ms(gateway, model, [{"role": "user", "content": q}], 16))
             lat_gw.append(ms)
             gw_retrieval.append(float(extra.get("retrieval_ms", "nan")))
+            reset_prefix_cache(vllm)
             lat_vllm.append(asyncio.run(latency_ms(vllm, model, msgs, 16))[0])
         results["ttft_ms"] = {"gateway_p50": round(statistics.median(ttft_gw), 1),
                               "vllm_p50": round(statistics.median(ttft_vllm), 1)}
@@ -279,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  TTFT p50: gateway {results['ttft_ms']['gateway_p50']} ms, vLLM {results['ttft_ms']['vllm_p50']} ms;"
               f" gateway adds {results['gateway_added_latency_ms_p50']} ms; retrieval p50 "
               f"{results['retrieval_ms_p50']} ms", flush=True)
+        top = max(levels)
+        bare = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}]}
+                for i in range(n_requests[top])]
+        results["question_only"] = {"vllm": {str(top): asyncio.run(throughput(vllm, model, bare, top,
+                                                                              args.max_tokens, vllm))}}
+        print(f"  vllm, bare questions c={top:>2}: "
+              f"{results['question_only']['vllm'][str(top)]['tokens_per_s']:7.1f} tok/s", flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -288,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_hf:
         results["hf_batched"] = hf_batched(bundle, weights, prompts, levels, args.max_tokens, n_requests)
+        top = max(levels)
+        bare_prompts = [[{"role": "user", "content": q}] for q in questions]
+        print("  (bare questions)")
+        results.setdefault("question_only", {})["hf_batched"] = hf_batched(
+            bundle, weights, bare_prompts, [top], args.max_tokens, n_requests)
 
     if args.lora_comparison:
         top = max(levels)
@@ -305,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
            "retrieval_ms_p50_in_process": results.get("retrieval_ms_p50_in_process"),
            "gateway_added_latency_ms_p50": results.get("gateway_added_latency_ms_p50"),
            "latency_16_tokens_ms_p50": results.get("latency_16_tokens_ms_p50"),
+           "question_only": {k: {lvl: v["tokens_per_s"] for lvl, v in r.items()}
+                             for k, r in results.get("question_only", {}).items()},
            **({"lora_vs_merged_tokens_per_s": {k: v["tokens_per_s"] for k, v in results["lora_vs_merged"].items()}}
               if "lora_vs_merged" in results else {}),
            "details": results,

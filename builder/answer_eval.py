@@ -38,8 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from builder.datagen import stable_fraction
 from builder.evaluate import exact_match, normalize, rouge_l, token_f1
@@ -181,7 +181,8 @@ def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_toke
         log = work / "vllm.log"
         with open(log, "w") as fh:
             proc = subprocess.run([sys.executable, "-m", "builder.answer_eval", "--generate", str(work / "job.json")],
-                                  env=vllm_env(serve_cfg), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
+                                  check=False, env=vllm_env(serve_cfg), stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=timeout,
                                   cwd=str(Path(__file__).resolve().parent.parent))
         if proc.returncode != 0 or not (work / "out.json").is_file():
             tail = log.read_text(errors="replace")[-3000:]
@@ -196,8 +197,8 @@ def _vllm_child(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     from vllm import LLM, SamplingParams
 
-    kw = dict(model=job["model"], tokenizer=job["adapter"] or job["model"], max_model_len=job["max_model_len"],
-              seed=0, enable_prefix_caching=True)
+    kw = {"model": job["model"], "tokenizer": job["adapter"] or job["model"], "max_model_len": job["max_model_len"],
+          "seed": 0, "enable_prefix_caching": True}
     if job["cuda"]:
         kw["gpu_memory_utilization"] = job["gpu_memory_utilization"]
     lora = None
@@ -273,7 +274,7 @@ def generate_answers(engine: str, model: str, batches: dict[str, list[list[dict]
         try:
             return generate_vllm(model, batches, max_new_tokens, max_len, adapter, serve_cfg,
                                  lora_batches=lora_batches), "vllm"
-        except Exception as exc:  # noqa: BLE001 - 'auto' falls back; an explicit 'vllm' does not
+        except Exception as exc:
             if engine == "vllm":
                 raise
             log(f"    vLLM failed, generating with transformers instead: {str(exc)[-400:]}")
@@ -354,14 +355,15 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
                     shutil.rmtree(tmp, ignore_errors=True)
             results.update(res)
             used.update({k: eng for k in res})
-    if "base_no_retrieval" in results:
-        report["base_no_retrieval"] = _metrics(results, "base_no_retrieval", questions, None, None,
-                                               used["base_no_retrieval"])
+    # The retrieval systems first: a table printer that takes its columns from the first row shows them all.
     if "base" in results:
         report["base"] = _metrics(results, "base", questions, contexts, "base_unanswerable", used["base"])
     if "finetuned" in results:
         report["finetuned"] = _metrics(results, "finetuned", questions, contexts, "finetuned_unanswerable",
                                        used["finetuned"])
+    if "base_no_retrieval" in results:
+        report["base_no_retrieval"] = _metrics(results, "base_no_retrieval", questions, None, None,
+                                               used["base_no_retrieval"])
     report["examples"] = _examples(questions, contexts, report)
     return report
 

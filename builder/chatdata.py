@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from builder.datagen import stable_fraction
 from builder.evaluate import group_by_source, normalize
@@ -48,7 +48,7 @@ def _words(text: str) -> set[str]:
 
 def _body(chunk: dict) -> str:
     """A chunk's text without the header line (title > headings) that the chunker puts first."""
-    head, sep, body = chunk["text"].partition("\n")
+    _, sep, body = chunk["text"].partition("\n")
     return body.strip() if sep and body.strip() else chunk["text"].strip()
 
 
@@ -142,7 +142,7 @@ def teacher_questions(chunks: Sequence[dict], ask: Callable[[str], str], per_chu
             reply = ask(prompt)
             start, end = reply.find("["), reply.rfind("]")
             items = json.loads(reply[start:end + 1]) if start >= 0 and end > start else []
-        except Exception:  # noqa: BLE001 - a failing teacher costs examples, never the build
+        except Exception:  # noqa: BLE001, S112 - a failing teacher costs examples, never the build
             continue
         for item in items[:per_chunk]:
             if not isinstance(item, dict):
@@ -290,8 +290,7 @@ def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankin
 def write_examples(rows: Sequence[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return path
 
 

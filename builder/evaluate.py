@@ -14,8 +14,8 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 KS = (1, 5, 10)
 

@@ -33,7 +33,9 @@ from builder.config import BuildConfig, dumps
 from builder.log import say, step
 
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
-GATE_SLICE, GATE_MIN = 0.1, 10  # share of training questions held back for the gate when nothing is held out
+# When nothing is held out, this share of the training questions (at least GATE_MIN, at most GATE_MAX: the gate
+# needs a clear signal, not a benchmark) is held back from training to decide whether the adapter ships.
+GATE_SLICE, GATE_MIN, GATE_MAX = 0.1, 10, 60
 
 
 def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions: list[dict],
@@ -42,8 +44,14 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
     if not cfg.llm.finetune:
         return {"adapter": None, "merged": None, "decision": "fine-tuning disabled (llm.finetune=false)"}
     from builder import chatdata
-    from builder.answer_eval import ANSWERS_FILE, SYSTEMS, evaluate_answers, question_digest, select_questions
-    from builder.answer_eval import _settings_key
+    from builder.answer_eval import (
+        ANSWERS_FILE,
+        SYSTEMS,
+        _settings_key,
+        evaluate_answers,
+        question_digest,
+        select_questions,
+    )
     from builder.train_llm import load_tokenizer
 
     bundle_dir = Path(bundle_dir)
@@ -122,7 +130,8 @@ def split_gate(heldout: list[dict], train_questions: list[dict], seed: int) -> t
 
         train, gate_q = split_questions(train_questions, GATE_SLICE, seed + 101)
         if len(gate_q) >= GATE_MIN:
-            return gate_q, train, "training questions held back from LoRA training"
+            train += gate_q[GATE_MAX:]  # beyond the cap they are worth more as training data
+            return gate_q[:GATE_MAX], train, "training questions held back from LoRA training"
     return [], train_questions, "none"
 
 
@@ -153,7 +162,15 @@ def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None):
     """The unfinished bundle's own retriever (its embedder and index), in the mode serving will use."""
     from sentence_transformers import SentenceTransformer
 
-    from serving.retrieval import BM25_DIR, FAISS_FILE, BM25Index, DenseIndex, Retriever, load_chunks, st_encoder
+    from serving.retrieval import (
+        BM25_DIR,
+        FAISS_FILE,
+        BM25Index,
+        DenseIndex,
+        Retriever,
+        load_chunks,
+        st_encoder,
+    )
 
     idx = bundle_dir / "index"
     chunks = load_chunks(idx)
@@ -240,7 +257,8 @@ def plot_loss(curve: list, out: Path, title: str = "LoRA training loss") -> Path
     smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1]) for i in range(len(loss))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot(steps, loss, color="#9bb7d4", linewidth=1, label="loss (assistant tokens)")
-    ax.plot(steps, smooth, color="#1f4e79", linewidth=2, label=f"moving average ({w} steps)")
+    if w > 1:
+        ax.plot(steps, smooth, color="#1f4e79", linewidth=2, label=f"moving average ({w} steps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.set_title(title, fontsize=10)

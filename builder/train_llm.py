@@ -37,8 +37,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 FINAL = "final"
 RESULT = "result.json"

@@ -185,16 +185,21 @@ class OpenAIUpstream:
         try:
             stream = await self.client.chat.completions.create(
                 model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **params)
-            async for chunk in stream:
-                for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
-                        yield "delta", choice.delta.content
-                    if choice.finish_reason:
-                        yield "finish", choice.finish_reason
-                if chunk.usage:
-                    u = chunk.usage
-                    yield "usage", Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                         total_tokens=u.total_tokens)
+            try:
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            yield "delta", choice.delta.content
+                        if choice.finish_reason:
+                            yield "finish", choice.finish_reason
+                    if chunk.usage:
+                        u = chunk.usage
+                        yield "usage", Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                             total_tokens=u.total_tokens)
+            finally:
+                # A client that goes away mid-answer closes this generator; closing the upstream stream
+                # tells vLLM to stop generating for it.
+                await stream.close()
         except GatewayError:
             raise
         except Exception as exc:

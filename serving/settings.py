@@ -10,7 +10,7 @@ on its own in front of a vLLM started elsewhere:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -41,21 +41,27 @@ class GatewaySettings:
     ui: bool = True  # mount the Gradio chat at ui_path
     ui_path: str = "/"
     title: str = "Domain assistant"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """ASSISTANT_BUNDLE (one or more, separated by ':'), ASSISTANT_VLLM_URL, ASSISTANT_VLLM_API_KEY,
         ASSISTANT_API_KEY, ASSISTANT_MODEL_NAME, ASSISTANT_UPSTREAM_MODEL."""
+        from builder.device import get_device
         from serving.bundle import Bundle
+        from serving.vllm_server import choose_weights
 
         raw = os.environ.get("ASSISTANT_BUNDLE", "bundles")
-        models = []
+        models: list[ServedModel] = []
         for path in [p for p in raw.split(os.pathsep) if p]:
             bundle = Bundle.load(path)
-            name = os.environ.get("ASSISTANT_MODEL_NAME") if len(models) == 0 else None
-            name = name or served_model_name(bundle)
-            models.append(ServedModel(name, bundle.path, os.environ.get("ASSISTANT_UPSTREAM_MODEL", name)))
+            first = not models
+            name = (os.environ.get("ASSISTANT_MODEL_NAME") if first else None) or served_model_name(bundle)
+            if any(m.name == name for m in models):
+                raise ValueError(f"two bundles are served as {name!r}; give them distinct serve.served_model_name")
+            upstream = (os.environ.get("ASSISTANT_UPSTREAM_MODEL") if first else None) or name
+            # What `python -m serving.vllm_server` would serve for this bundle on this machine.
+            weights, _ = choose_weights(bundle, get_device())
+            models.append(ServedModel(name, bundle.path, upstream, weights))
         key = os.environ.get("ASSISTANT_API_KEY") or None
         return cls(models=models, vllm_base_url=os.environ.get("ASSISTANT_VLLM_URL", cls.vllm_base_url),
                    vllm_api_key=os.environ.get("ASSISTANT_VLLM_API_KEY") or key, api_key=key)

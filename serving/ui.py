@@ -130,7 +130,7 @@ def build_ui(service: RagService) -> gr.Blocks:
     def clear():
         return [], [], SOURCES_PLACEHOLDER, "", ""
 
-    with gr.Blocks(title=service.settings.title, fill_width=True) as demo:
+    with gr.Blocks(title=service.settings.title, fill_width=True, analytics_enabled=False) as demo:
         header = gr.HTML(header_html(service, default), elem_id="header")
         if len(names) > 1:
             model = gr.Dropdown(names, value=default, label="Assistant", elem_id="model")

@@ -122,13 +122,21 @@ def test_hf_generation_answers_plain_batches_without_the_adapter_and_lora_batche
     assert all(r["tokens"] > 0 and r["seconds"] >= 0 for r in both.values())
 
 
-def test_merging_the_adapter_gives_the_same_answers_as_applying_it(tiny_model_and_adapter, tmp_path):
+def test_merged_weights_compute_what_base_plus_adapter_computes(tiny_model_and_adapter, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     base, adapter = tiny_model_and_adapter
     merged = answer_eval.merge_adapter(base, adapter, tmp_path / "merged")
-    convs = [[{"role": "user", "content": f"what is the answer for topic{i}?"}] for i in range(3)]
-    via_adapter = answer_eval.generate_hf(base, {"x": convs}, 8, adapter=adapter)
-    via_merged = answer_eval.generate_hf(str(merged), {"x": convs}, 8)
-    assert via_adapter["x"]["texts"] == via_merged["x"]["texts"]
+    assert (merged / "tokenizer.json").is_file() and not (merged / "adapter_config.json").exists()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base)(ids).logits
+        via_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)(ids).logits
+        via_merged = AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits
+    assert torch.allclose(via_adapter, via_merged, atol=1e-4)
+    assert not torch.allclose(plain, via_merged, atol=1e-3)
 
 
 @pytest.mark.integration

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -193,14 +194,8 @@ class FakeTeacher:
         self.calls += 1
         passage = messages[-1]["content"]
         good = "How much DAP fertilizer for maize?" if "50 kg of DAP" in passage else "What about storage?"
-
-        class R:
-            class C:
-                class M:
-                    content = f"1. {good}\n2. Is this a question about nothing at all?"
-                message = M
-            choices = [C]
-        return R
+        content = f"1. {good}\n2. Is this a question about nothing at all?"
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=content))])
 
 
 def test_teacher_questions_are_kept_only_when_they_retrieve_their_chunk(chunks):

@@ -232,6 +232,17 @@ def test_ui_handler_streams_the_answer_then_lists_its_sources(tiny_bundle, upstr
     assert history[-1]["role"] == "assistant" and history[-2] == {"role": "user", "content": QUESTION}
 
 
+def test_settings_from_environment_for_a_gateway_in_front_of_an_existing_vllm(tiny_bundle, monkeypatch):
+    monkeypatch.setenv("ASSISTANT_BUNDLE", str(tiny_bundle.parent))  # a bundles folder: its latest
+    monkeypatch.setenv("ASSISTANT_VLLM_URL", "http://10.0.0.5:9000/v1")
+    monkeypatch.setenv("ASSISTANT_API_KEY", "k")
+    monkeypatch.setenv("ASSISTANT_UPSTREAM_MODEL", "assistant-lora")
+    s = GatewaySettings.from_env()
+    assert [(m.name, m.upstream_model, m.bundle_dir) for m in s.models] == [
+        ("assistant", "assistant-lora", tiny_bundle.resolve())]
+    assert (s.vllm_base_url, s.api_key, s.vllm_api_key) == ("http://10.0.0.5:9000/v1", "k", "k")
+
+
 def test_no_vllm_mode_generates_in_process(tiny_bundle):
     settings = GatewaySettings(models=[ServedModel("assistant", tiny_bundle, "assistant")], local_generation=True,
                                ui=False)

@@ -16,8 +16,17 @@ import pytest
 
 from builder import chatdata, llm
 from builder.config import load_config
-from builder.train_llm import (FINAL, RESULT, Collator, encode_example, last_checkpoint, load_tokenizer,
-                               make_trainer, masked_lm_loss, train)
+from builder.train_llm import (
+    FINAL,
+    RESULT,
+    Collator,
+    encode_example,
+    last_checkpoint,
+    load_tokenizer,
+    make_trainer,
+    masked_lm_loss,
+    train,
+)
 from serving.prompting import build_messages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,7 +181,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(tiny_llm, tmp_pa
     killed_at = int(last_checkpoint(work).name.split("-")[-1])
     assert 2 <= killed_at < 8 and not (work / RESULT).exists()
 
-    done = subprocess.run(_train_cmd(tiny_llm, work, *settings), cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run(_train_cmd(tiny_llm, work, *settings), check=False, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((work / RESULT).read_text())
@@ -186,7 +195,7 @@ def test_training_runs_on_two_processes_under_accelerate_launch(tiny_llm, tmp_pa
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "builder" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "-m",
            *_train_cmd(tiny_llm, work, "llm.max_steps=3", "llm.batch_size=4", "llm.micro_batch_size=2")[2:]]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((work / RESULT).read_text())
     assert result["processes"] == 2 and result["steps"] == 3
@@ -224,6 +233,9 @@ def test_training_questions_are_held_back_for_the_gate_only_when_nothing_else_is
     assert gate_q and where.startswith("training questions")
     assert not {q["question"] for q in gate_q} & {q["question"] for q in train_q}
     assert len(gate_q) + len(train_q) == 300
+    many = [{"question": f"q{i}?", "answer": "a", "source": None} for i in range(3000)]
+    gate_q, train_q, _ = llm.split_gate([], many, seed=1)
+    assert len(gate_q) == llm.GATE_MAX and len(gate_q) + len(train_q) == 3000
     held = qs[:5]
     assert llm.split_gate(held, qs[5:], 1) == (held, qs[5:], "held-out split")
     assert llm.split_gate([], qs[:8], 1) == ([], qs[:8], "none")

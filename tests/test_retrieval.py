@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.evaluate import relevant_chunks, retrieval_metrics, retrieval_report, evaluate_retriever
+from builder.evaluate import evaluate_retriever, relevant_chunks, retrieval_metrics, retrieval_report
 from serving.bundle import Bundle
 from serving.retrieval import BM25Index, DenseIndex, Retriever, rrf_fuse
 
@@ -122,10 +122,11 @@ def test_hybrid_fuses_the_dense_and_bm25_rankings(retriever):
 def two_embedder_bundle(tmp_path, monkeypatch) -> Path:
     """A minimal bundle whose shipped embedder differs from its base (two random tiny BERTs)."""
     monkeypatch.setenv("ASSISTANT_AUTOCAST", "off")  # cached and hand-made embeddings alike in float32
+    from sentence_transformers import SentenceTransformer
+
     from builder import index
     from builder.embedder import chunk_ids_digest, encode_texts
     from builder.models import build_tiny_bert
-    from sentence_transformers import SentenceTransformer
 
     texts = [f"{c['text']} " + " ".join(["field notes"] * i) for i, c in enumerate(CHUNKS)]
     chunks = [dict(c, text=t, location="", title="", n_tokens=10, kind="text") for c, t in zip(CHUNKS, texts)]
