@@ -64,6 +64,8 @@ class EmbedderConfig:
     max_pairs: int = _f(20000, "Upper bound on training pairs.")
     eval_fraction: float = _f(0.15, "Share of pairs held out for the promotion gate.")
     min_gain: float = _f(0.0, "The fine-tuned embedder ships only if its held-out MRR@10 beats the base by more than this.")
+    question_repeats: int = _f(1, "Times each real question pair is trained on per epoch, with a different mined "
+                               "hard negative each time: real questions teach more than synthetic queries.")
 
 
 @dataclass

@@ -30,6 +30,7 @@ import numpy as np
 from builder.ingest import QAPair
 
 KINDS = ("question", "teacher", "heading", "title", "ict")
+SUPERVISED_KINDS = ("question", "teacher")  # written as questions, by people or by a teacher model
 
 # Inverse cloze: most of the time the sentence is cut from its chunk so the model must learn more than string
 # overlap; a few pairs keep it, as in Lee et al. (2019), so exact matches are not unlearned.
@@ -132,13 +133,16 @@ def body_of(chunk: dict) -> tuple[str, str]:
 
 
 def match_question(question: dict, chunks: Sequence[dict], norm_texts: Sequence[str],
-                   by_source: dict[str, list[int]], min_overlap: float = 0.5) -> tuple[list[int], int, bool] | None:
+                   by_source: dict[str, list[int]], min_overlap: float = 0.5,
+                   chunk_words: Sequence[set[str]] | None = None) -> tuple[list[int], int, bool] | None:
     """(relevant positions, positive, exact) for one question, or None when nothing plausible holds the answer.
 
     Exact: the chunks of the question's source (or of any document, without a source) that contain the answer.
     Otherwise the chunk of the source sharing most of the answer's content words is the positive, and only it
     is relevant; without a source it must share at least ``min_overlap`` of them.
     """
+    if chunk_words is None:
+        chunk_words = [_content_words(c["text"]) for c in chunks]
     answer = normalize(question.get("answer", ""))
     source = question.get("source")
     if source and source not in by_source:
@@ -149,23 +153,23 @@ def match_question(question: dict, chunks: Sequence[dict], norm_texts: Sequence[
     hits = ([i for i in pool if answer and answer in norm_texts[i]]
             or [i for i in everything if answer and answer in norm_texts[i]])
     if hits:
-        return hits, _best_overlap(question, chunks, hits)[0], True
+        return hits, _best_overlap(question, chunk_words, hits)[0], True
     if not answer:
         return None
-    best, overlap = _best_overlap(question, chunks, pool, answer_only=True)
+    best, overlap = _best_overlap(question, chunk_words, pool, answer_only=True)
     if best is None or (not source and overlap < min_overlap):
         return None
     return [best], best, False
 
 
-def _best_overlap(question: dict, chunks: Sequence[dict], pool: Sequence[int],
+def _best_overlap(question: dict, chunk_words: Sequence[set[str]], pool: Sequence[int],
                   answer_only: bool = False) -> tuple[int | None, float]:
     """The chunk sharing most content words with the answer (then the question); first one on ties."""
     answer_words = _content_words(question.get("answer", ""))
     question_words = _content_words(question.get("question", ""))
     best, best_key = None, (-1.0, -1.0)
     for i in pool:
-        words = _content_words(chunks[i]["text"])
+        words = chunk_words[i]
         a = len(answer_words & words) / len(answer_words) if answer_words else 0.0
         q = len(question_words & words) / len(question_words) if question_words else 0.0
         key = (a, q) if answer_only else (q, a)
@@ -178,12 +182,13 @@ def question_pairs(questions: Sequence[dict], chunks: Sequence[dict], kind: str 
                    ) -> tuple[list[EmbedderPair], list[dict]]:
     """Supervised pairs from question/answer dicts; returns (pairs, questions that matched no chunk)."""
     norm_texts = [normalize(c["text"]) for c in chunks]
+    chunk_words = [_content_words(c["text"]) for c in chunks]
     by_source: dict[str, list[int]] = {}
     for i, c in enumerate(chunks):
         by_source.setdefault(c["source"], []).append(i)
     pairs, unmatched = [], []
     for q in questions:
-        found = match_question(q, chunks, norm_texts, by_source)
+        found = match_question(q, chunks, norm_texts, by_source, chunk_words=chunk_words)
         if found is None:
             unmatched.append(q)
             continue
@@ -421,7 +426,11 @@ def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], 
 
     synthetic = synthetic_pairs(chunks, dcfg.synthetic_per_chunk, dcfg.max_synthetic, counts, cfg.seed, teacher)
     pairs = (supervised + synthetic)[:cfg.embedder.max_pairs]
-    dropped = mine_hard_negatives(pairs, chunks, ranker, dcfg.hard_negatives)
+    # Repeated question pairs get a fresh negative on each repeat, so mine enough for all of them.
+    dropped = mine_hard_negatives(pairs, chunks, ranker, dcfg.hard_negatives * max(1, cfg.embedder.question_repeats))
+    for p in pairs:
+        if p.kind not in SUPERVISED_KINDS:
+            p.negatives = p.negatives[:dcfg.hard_negatives]
     stats: dict[str, Any] = {k: sum(p.kind == k for p in pairs) for k in KINDS}
     stats.update({"pairs": len(pairs), "unmatched_questions": len(unmatched),
                   "inexact_positives": sum(not p.exact for p in pairs),

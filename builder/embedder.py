@@ -131,23 +131,27 @@ def promotion_decision(base: dict[str, float], finetuned: dict[str, float], min_
 # ----------------------------------------------------------------------------------------------- training
 
 def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], n_negatives: int,
-                  seed: int = 0) -> dict[str, list[str]]:
-    """Columns anchor, positive, negative_1..n. A pair with fewer mined negatives is topped up with random
-    chunks that do not answer it, because every row needs the same number of columns."""
+                  seed: int = 0, question_repeats: int = 1) -> dict[str, list[str]]:
+    """Columns anchor, positive, negative_1..n. A question pair appears ``question_repeats`` times, each time with
+    the next n of its mined negatives. Rows short of mined negatives are topped up with random chunks that do not
+    answer the query, because every row needs the same number of columns."""
     norm_texts = [datagen.normalize(c["text"]) for c in chunks]
     rows: list[tuple[str, str, list[str]]] = []
     width = n_negatives
     for p in pairs:
-        negs = list(p.negatives[:n_negatives])
-        if len(negs) < n_negatives:
-            rng = random.Random(f"{seed}:fill:{p.query}")
-            blocked = set(p.relevant) | {p.positive} | set(negs)
-            needle = datagen.normalize(p.answer) if p.answer else ""
-            pool = [i for i in range(len(chunks)) if i not in blocked and not (needle and needle in norm_texts[i])]
-            rng.shuffle(pool)
-            negs += pool[:n_negatives - len(negs)]
-        width = min(width, len(negs))
-        rows.append((p.query, p.text(chunks), [chunks[i]["text"] for i in negs]))
+        repeats = max(1, question_repeats) if p.kind in datagen.SUPERVISED_KINDS else 1
+        for r in range(repeats):
+            negs = list(p.negatives[r * n_negatives:(r + 1) * n_negatives])
+            if len(negs) < n_negatives:
+                rng = random.Random(f"{seed}:fill:{r}:{p.query}")
+                blocked = set(p.relevant) | {p.positive} | set(negs)
+                needle = datagen.normalize(p.answer) if p.answer else ""
+                pool = [i for i in range(len(chunks))
+                        if i not in blocked and not (needle and needle in norm_texts[i])]
+                rng.shuffle(pool)
+                negs += pool[:n_negatives - len(negs)]
+            width = min(width, len(negs))
+            rows.append((p.query, p.text(chunks), [chunks[i]["text"] for i in negs]))
     columns: dict[str, list[str]] = {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}
     for j in range(width):
         columns[f"negative_{j + 1}"] = [r[2][j] for r in rows]
@@ -167,7 +171,7 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
     )
 
     ecfg = cfg.embedder
-    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed)
+    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed, ecfg.question_repeats)
     dataset = Dataset.from_dict(columns)
     batch_size = max(2, min(ecfg.batch_size, len(dataset)))
     if batch_size > ecfg.cached_loss_above:
@@ -216,7 +220,9 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
         "precision": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32",
         "device": device,
         "seed": cfg.seed,
-        "train_pairs": len(dataset),
+        "question_repeats": ecfg.question_repeats,
+        "train_pairs": len(pairs),
+        "train_rows": len(dataset),
         "loss_first": round(losses[0], 4) if losses else None,
         "loss_last": round(losses[-1], 4) if losses else None,
         "train_seconds": seconds,

@@ -116,7 +116,11 @@ def build_router(service: RagService, settings: GatewaySettings) -> APIRouter:
         events = service.answer_events(req.model, messages, params, passages=req.passages)
         # Wait for retrieval and the first token before sending headers, so that a bad request or a model
         # server that is down gets a real status code instead of an error inside a 200 stream.
-        head = [await anext(events), await anext(events)]
+        try:
+            head = [await anext(events), await anext(events)]
+        except BaseException:
+            await events.aclose()
+            raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_stream(req.model, _chain(head, events), include_usage),
                                  media_type="text/event-stream",

@@ -108,6 +108,15 @@ def test_rows_get_the_same_number_of_negatives_and_none_holds_the_answer(chunks)
     assert all("5 cm" not in columns[f"negative_{j}"][0] for j in (1, 2, 3))
 
 
+def test_question_pairs_repeat_with_a_fresh_negative_while_synthetic_pairs_appear_once(chunks):
+    question = datagen.EmbedderPair("How deep should I plant maize?", 0, "question", [0], answer="5 cm",
+                                    negatives=[3, 4, 5])
+    cloze = datagen.EmbedderPair("A sentence from chunk one.", 1, "ict", [1], negatives=[6])
+    columns = embedder.training_rows([question, cloze], chunks, n_negatives=1, question_repeats=3)
+    assert columns["anchor"] == [question.query] * 3 + [cloze.query]
+    assert columns["negative_1"] == [chunks[i]["text"] for i in (3, 4, 5, 6)]
+
+
 def test_promotion_decision_needs_a_gain_above_min_gain():
     base = {"mrr@10": 0.40, "queries": 50.0}
     ship, why = embedder.promotion_decision(base, {"mrr@10": 0.45}, min_gain=0.0)

@@ -116,6 +116,17 @@ def test_hybrid_fuses_the_dense_and_bm25_rankings(retriever):
     assert hybrid[0][0] == 3  # D leads both lists
 
 
+def test_auto_mode_serves_the_best_held_out_mrr_and_hybrid_on_ties():
+    from builder.pipeline import choose_retrieval_mode
+
+    scores = {"dense": {"mrr@10": 0.5}, "bm25": {"mrr@10": 0.7}, "hybrid": {"mrr@10": 0.6}}
+    assert choose_retrieval_mode(scores, "auto") == "bm25"
+    scores["hybrid"]["mrr@10"] = 0.7
+    assert choose_retrieval_mode(scores, "auto") == "hybrid"
+    assert choose_retrieval_mode(scores, "dense") == "dense"
+    assert choose_retrieval_mode({}, "auto") == "hybrid"
+
+
 # ----------------------------------------------------------------------------------------------- the report
 
 @pytest.fixture()
