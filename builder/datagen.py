@@ -35,7 +35,6 @@ SUPERVISED_KINDS = ("question", "teacher")  # written as questions, by people or
 # Inverse cloze: most of the time the sentence is cut from its chunk so the model must learn more than string
 # overlap; a few pairs keep it, as in Lee et al. (2019), so exact matches are not unlearned.
 ICT_KEEP_FRACTION = 0.1
-ICT_CROP_FRACTION = 0.0
 ICT_MIN_WORDS, ICT_MAX_WORDS = 6, 40
 # A positive found without the answer string in it (a paraphrased FAQ answer) is uncertain: a chunk of the same
 # document that the base embedder scores within this relative margin of it, or above, may be another paraphrase
@@ -234,23 +233,11 @@ def ict_candidates(chunk: dict) -> list[str]:
     return [s for s in sentences if ICT_MIN_WORDS <= len(s.split()) <= ICT_MAX_WORDS]
 
 
-def ict_pair(chunks: Sequence[dict], pos: int, sentence: str, keep: bool,
-             crop: tuple[int, int] | None = None) -> EmbedderPair:
-    """A cloze pair; ``crop`` (start, end) word offsets make the query a span of the sentence instead."""
+def ict_pair(chunks: Sequence[dict], pos: int, sentence: str, keep: bool) -> EmbedderPair:
     head, body = body_of(chunks[pos])
     rest = body if keep else re.sub(r"[ \t]{2,}", " ", body.replace(sentence, " ", 1)).strip()
     text = f"{head}\n{rest}" if head else rest
-    query = " ".join(sentence.split()[crop[0]:crop[1]]) if crop else sentence
-    return EmbedderPair(query, pos, "ict", [pos], answer=sentence, positive_text=text)
-
-
-def _crop(sentence: str, rng: random.Random) -> tuple[int, int] | None:
-    n = len(sentence.split())
-    if ICT_CROP_FRACTION <= 0 or rng.random() >= ICT_CROP_FRACTION or n < 8:
-        return None
-    length = rng.randint(max(4, int(0.4 * n)), max(5, int(0.8 * n)))
-    start = rng.randint(0, n - length)
-    return start, start + length
+    return EmbedderPair(sentence, pos, "ict", [pos], answer=sentence, positive_text=text)
 
 
 def synthetic_pairs(chunks: Sequence[dict], per_chunk: int, limit: int, supervised: dict[int, int],
@@ -270,7 +257,7 @@ def synthetic_pairs(chunks: Sequence[dict], per_chunk: int, limit: int, supervis
         rng = random.Random(f"{seed}:{chunks[i]['chunk_id']}")
         candidates = ict_candidates(chunks[i])
         rng.shuffle(candidates)
-        cloze.extend(ict_pair(chunks, i, sentence, keep=rng.random() < ICT_KEEP_FRACTION, crop=_crop(sentence, rng))
+        cloze.extend(ict_pair(chunks, i, sentence, keep=rng.random() < ICT_KEEP_FRACTION)
                      for sentence in candidates[:budget])
         if len(cloze) >= limit:
             break

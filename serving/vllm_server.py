@@ -51,7 +51,7 @@ def serve_config(bundle: Bundle) -> dict:
 def choose_weights(bundle: Bundle, device: str) -> tuple[str, str]:
     """('merged' | 'adapter' | 'base', reason) following serve.use_merged.
 
-    'auto' serves merged weights on the CPU, where vLLM's LoRA kernels cost ~3.4x in throughput, and the
+    'auto' serves merged weights on the CPU, where vLLM's LoRA path costs 3.4x-11x in throughput, and the
     adapter on a GPU, where they are cheap and the base stays shareable between bundles."""
     adapter, merged = bundle.adapter_path(), bundle.merged_path()
     choice = str(serve_config(bundle).get("use_merged", "auto")).lower()
@@ -69,7 +69,7 @@ def choose_weights(bundle: Bundle, device: str) -> tuple[str, str]:
     if on_gpu and adapter:
         return "adapter", "auto: on a GPU LoRA kernels are cheap, so base + adapter"
     if not on_gpu and merged:
-        return "merged", "auto: on the CPU vLLM's LoRA path costs ~3.4x throughput, so merged weights"
+        return "merged", "auto: on the CPU vLLM's LoRA path costs 3.4x-11x throughput (BENCHMARKS.md), so merged weights"
     if adapter:
         return "adapter", "auto: no merged weights in the bundle, so base + adapter"
     return "merged", "auto: the bundle has merged weights only"

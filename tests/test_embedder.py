@@ -131,3 +131,14 @@ def test_finetune_off_copies_the_base_and_says_so(chunks, base_model, tmp_path):
     info = embedder.run(tiny_cfg("embedder.finetune=false"), base_model, chunks, [], tmp_path / "e", tmp_path / "d")
     assert info["finetuned"] is False and "disabled" in info["decision"]
     assert same_model(tmp_path / "e", base_model)
+
+
+def test_training_precision_follows_the_environment_override(monkeypatch):
+    import torch
+
+    from builder.device import autocast_dtype
+
+    monkeypatch.setenv("ASSISTANT_AUTOCAST", "off")
+    assert autocast_dtype("cpu") is None
+    monkeypatch.setenv("ASSISTANT_AUTOCAST", "bf16")
+    assert autocast_dtype("cpu") is torch.bfloat16
