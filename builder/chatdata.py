@@ -90,19 +90,22 @@ def find_gold(question: dict, chunks: Sequence[dict], by_source: dict[str, list[
     return [best]
 
 
+def _prose_chunks_in_seeded_order(chunks: Sequence[dict], seed: int):
+    """(position, chunk) for every chunk that is not a question/answer pair, in an order fixed by the seed, so
+    a small limit still spreads over the documents."""
+    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i]["chunk_id"], seed))
+    return ((i, chunks[i]) for i in order if chunks[i].get("kind") != "qa")
+
+
 def synthetic_questions(chunks: Sequence[dict], per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
     """Extractive question/answer pairs made from the chunks alone: the question names the section (document
     title and heading) and asks what it says; the answer is one of the chunk's sentences, verbatim.
 
     Chunks are visited in a seeded order, so a small ``limit`` still spreads over the documents."""
-    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i]["chunk_id"], seed))
     out: list[dict] = []
-    for i in order:
+    for i, c in _prose_chunks_in_seeded_order(chunks, seed):
         if len(out) >= limit:
             break
-        c = chunks[i]
-        if c.get("kind") == "qa":
-            continue
         sentences = [s.strip() for s in _SENTENCE.split(_body(c).replace("\n", " "))]
         sentences = [s for s in sentences if 6 <= len(s.split()) <= 45]
         if not sentences:
@@ -127,14 +130,10 @@ def teacher_questions(chunks: Sequence[dict], ask: Callable[[str], str], per_chu
 
     The teacher must answer with a sentence quoted from the chunk; a reply that is not JSON, or whose answer is
     not in the chunk, is dropped (a teacher that paraphrases would teach the student to invent wording)."""
-    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i]["chunk_id"], seed))
     out: list[dict] = []
-    for i in order:
+    for i, c in _prose_chunks_in_seeded_order(chunks, seed):
         if len(out) >= limit:
             break
-        c = chunks[i]
-        if c.get("kind") == "qa":
-            continue
         prompt = (f"Write {per_chunk} question(s) a user could ask that this passage answers, each with an "
                   "answer copied word for word from the passage (one sentence or less). Reply with JSON only: "
                   '[{"question": "...", "answer": "..."}]\n\nPassage:\n' + c["text"])
