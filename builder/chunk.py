@@ -131,21 +131,32 @@ def chunk_section(doc: Document, blocks: list[Block], cfg: ChunkConfig, count: T
         else:
             chunks.append(current)
 
-    texts = [render(c) for c in chunks]
-    # Verify the real count and split again where joins pushed a chunk over the limit.
-    real = count(texts)
-    out: list[Chunk] = []
+    # Verify the real count: joins can push a chunk over the limit, so split it (in halves, then by word
+    # windows) until every piece fits the embedder.
     location = blocks[0].location()
-    for items, text, n in zip(chunks, texts, real):
-        if n > cfg.max_tokens and len(items) > 1:
-            half = len(items) // 2
-            for part in (items[:half], items[half:]):
-                t = render(part)
-                out.append(Chunk(make_chunk_id(doc.source, t), doc.source, location, doc.title, t,
-                                 count([t])[0], blocks[0].kind))
-        else:
+    out: list[Chunk] = []
+
+    def emit(items: list[tuple[str, bool, int]]) -> None:
+        text = render(items)
+        n = count([text])[0]
+        if n <= cfg.max_tokens:
             out.append(Chunk(make_chunk_id(doc.source, text), doc.source, location, doc.title, text, n,
                              blocks[0].kind))
+        elif len(items) > 1:
+            half = len(items) // 2
+            emit(items[:half])
+            emit(items[half:])
+        else:
+            words = items[0][0].split()
+            if len(words) < 2:  # one unsplittable token run: keep it; the embedder truncates it
+                out.append(Chunk(make_chunk_id(doc.source, text), doc.source, location, doc.title, text, n,
+                                 blocks[0].kind))
+                return
+            mid = len(words) // 2
+            emit([(" ".join(words[:mid]), False, 0), (" ".join(words[mid:]), items[0][1], 0)])
+
+    for items in chunks:
+        emit(items)
     return out
 
 

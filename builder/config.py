@@ -75,6 +75,14 @@ class RetrievalConfig:
     top_k: int = _f(4, "Passages given to the LLM per question.")
     candidates: int = _f(50, "Candidates each retriever returns before fusion.")
     rrf_k: int = _f(60, "The k of reciprocal rank fusion: score = sum 1 / (k + rank).")
+    rrf_k_choices: list = _f([10, 30, 60], "Under mode 'auto', the fusion k values tried on the held-out split "
+                             "(the one with the best MRR@10 is served; rrf_k on a tie).")
+    bm25_stemmer: str = _f("english", "Snowball stemmer for BM25 tokens (PyStemmer language name; empty: none).")
+    bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1.")
+    bm25_b: float = _f(0.75, "BM25 length normalization b.")
+
+    def bm25_analyzer(self) -> dict:
+        return {"stemmer": self.bm25_stemmer or None, "k1": float(self.bm25_k1), "b": float(self.bm25_b)}
 
 
 @dataclass

@@ -318,13 +318,14 @@ def make_teacher_client(url: str):
 class BaseRanker:
     """Base-embedder and BM25 rankings over the chunks, for mining and for the teacher's round trip."""
 
-    def __init__(self, chunks: Sequence[dict], encode: Encoder, chunk_embeddings: np.ndarray):
+    def __init__(self, chunks: Sequence[dict], encode: Encoder, chunk_embeddings: np.ndarray,
+                 bm25_analyzer: dict | None = None):
         from serving.retrieval import BM25Index
 
         self.chunks = chunks
         self.encode = encode
         self.emb = np.asarray(chunk_embeddings, dtype=np.float32)
-        self.bm25 = BM25Index.build([c["text"] for c in chunks])
+        self.bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)
 
     def dense(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(top-k positions, the query-by-chunk score matrix)."""
@@ -399,7 +400,7 @@ def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], 
     counts: dict[int, int] = {}
     for p in supervised:
         counts[p.positive] = counts.get(p.positive, 0) + 1
-    ranker = BaseRanker(chunks, encode, chunk_embeddings)
+    ranker = BaseRanker(chunks, encode, chunk_embeddings, cfg.retrieval.bm25_analyzer())
 
     teacher: list[EmbedderPair] = []
     teacher_rejected = 0

@@ -17,7 +17,7 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 64, show_progress
 
 
 def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "cpu",
-        embeddings: np.ndarray | None = None) -> dict:
+        embeddings: np.ndarray | None = None, bm25_analyzer: dict | None = None) -> dict:
     """Write index_dir/{chunks.jsonl, dense.faiss, bm25/}; returns counts for the manifest.
 
     ``embeddings`` (one row per chunk, from the embedder in embedder_dir) skips embedding the chunks again."""
@@ -30,8 +30,10 @@ def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "
         model = SentenceTransformer(str(embedder_dir), device=device)
         emb = embed_texts(model, [c["text"] for c in chunks])
     DenseIndex.build(emb).save(index_dir / FAISS_FILE)
-    BM25Index.build([c["text"] for c in chunks]).save(index_dir / BM25_DIR)
+    bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)
+    bm25.save(index_dir / BM25_DIR)
     with open(index_dir / CHUNKS_FILE, "w", encoding="utf-8") as fh:
         for c in chunks:
             fh.write(json.dumps(c, ensure_ascii=False) + "\n")
-    return {"chunks": len(chunks), "dim": int(emb.shape[1]), "faiss": "IndexFlatIP (cosine, exact)"}
+    return {"chunks": len(chunks), "dim": int(emb.shape[1]), "faiss": "IndexFlatIP (cosine, exact)",
+            "bm25": bm25.analyzer}

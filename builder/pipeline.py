@@ -92,7 +92,7 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
 
         with step("index") as s:
             index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device,
-                                   embeddings=chunk_embeddings)
+                                   embeddings=chunk_embeddings, bm25_analyzer=cfg.retrieval.bm25_analyzer())
         timing["index_s"] = s["seconds"]
 
         with step("evaluate retrieval") as s:
@@ -155,7 +155,9 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
 
 
 def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]) -> tuple[dict, str]:
-    """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10."""
+    """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10, and for
+    hybrid also the fusion k among ``retrieval.rrf_k_choices`` (written back to ``cfg.retrieval.rrf_k``, so
+    the LLM stage retrieves exactly as serving will)."""
     from serving.retrieval import Retriever
 
     retriever = _load_unfinished(cfg, writer)
@@ -163,8 +165,20 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     if held:
         for mode in Retriever.MODES:
             metrics[mode] = evaluate_retriever(retriever, held, mode=mode)
+        if cfg.retrieval.mode == "auto":
+            by_k = {cfg.retrieval.rrf_k: metrics["hybrid"]}
+            for k in cfg.retrieval.rrf_k_choices:
+                if int(k) not in by_k:
+                    retriever.rrf_k = int(k)
+                    by_k[int(k)] = evaluate_retriever(retriever, held, mode="hybrid")
+            # Best MRR@10; on a tie the configured k.
+            best = max(by_k, key=lambda k: (by_k[k]["mrr@10"], k == cfg.retrieval.rrf_k))
+            metrics["hybrid"] = by_k[best]
+            metrics["hybrid_by_rrf_k"] = {str(k): m["mrr@10"] for k, m in sorted(by_k.items())}  # type: ignore[assignment]
+            cfg.retrieval.rrf_k = best
     chosen = choose_retrieval_mode(metrics, cfg.retrieval.mode)
     metrics["served_mode"] = chosen  # type: ignore[assignment]
+    metrics["rrf_k"] = cfg.retrieval.rrf_k  # type: ignore[assignment]
     return metrics, chosen
 
 

@@ -61,3 +61,19 @@ def test_ids_are_stable_and_depend_on_source_and_text():
     b = chunk(cfg, [doc(blocks)], word_counter)[0].chunk_id
     c = chunk(cfg, [doc(blocks, source="other.md")], word_counter)[0].chunk_id
     assert a == b != c
+
+
+def test_chunks_fit_even_when_joining_costs_more_tokens_than_the_parts():
+    # A tokenizer whose count grows faster than the sum of its parts (as sub-word joins can): the packer's
+    # estimate runs over, and the final check must split until every chunk really fits.
+    def superlinear(texts):
+        return [2 + len(t.split()) + len(t.split()) ** 2 // 40 for t in texts]
+
+    sentences = [f"Sentence {i} has exactly seven words here." for i in range(30)]
+    d = doc([Block(" ".join(sentences), ("Guide", "Soil"))])
+    cfg = ChunkConfig(max_tokens=60, overlap_tokens=0, min_tokens=1)
+    chunks = chunk(cfg, [d], superlinear)
+    assert all(c.n_tokens <= cfg.max_tokens for c in chunks)
+    assert all(superlinear([c.text])[0] == c.n_tokens for c in chunks)
+    body = " ".join(c.text.split("\n", 1)[1] for c in chunks)
+    assert body.split() == " ".join(sentences).split()  # nothing lost, nothing repeated, order kept

@@ -182,3 +182,29 @@ def test_report_base_equals_finetuned_when_the_gate_kept_the_base(two_embedder_b
     (two_embedder_bundle / "manifest.json").write_text(json.dumps(manifest))
     report = retrieval_report(Bundle.load(two_embedder_bundle), QUESTIONS)
     assert report["base"] == report["finetuned"]
+
+
+def test_bm25_stems_and_keeps_its_analyzer_beside_the_index(tmp_path):
+    texts = ["patients were infected in the ward", "the vaccine trial enrolled adults"]
+    stemmed = BM25Index.build(texts)  # default analyzer: English Snowball stemmer
+    assert stemmed.analyzer["stemmer"] == "english"
+    ids, scores = stemmed.search(["infections of patients"], 2)
+    assert ids[0][0] == 0 and scores[0][0] > 0
+    raw = BM25Index.build(texts, {"stemmer": None})
+    ids, scores = raw.search(["infections"], 2)
+    assert scores[0].max() == 0  # no stemming: "infections" never meets "infected"
+    stemmed.save(tmp_path / "bm25")
+    again = BM25Index.load(tmp_path / "bm25", len(texts))
+    assert again.analyzer == stemmed.analyzer
+    ids, scores = again.search(["infections"], 2)
+    assert ids[0][0] == 0 and scores[0][0] > 0
+
+
+def test_a_bm25_index_saved_without_an_analyzer_is_read_unstemmed(tmp_path):
+    texts = ["patients were infected in the ward", "the vaccine trial enrolled adults"]
+    old = BM25Index.build(texts, {"stemmer": None, "k1": 1.5})
+    old._r.save(str(tmp_path / "bm25"))  # what bundles written before the analyzer file hold
+    loaded = BM25Index.load(tmp_path / "bm25", len(texts))
+    assert loaded.analyzer["stemmer"] is None
+    ids, scores = loaded.search(["infected ward"], 2)
+    assert ids[0][0] == 0 and scores[0][0] > 0
