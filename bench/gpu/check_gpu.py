@@ -106,6 +106,20 @@ def check_lora(args, device: str) -> dict:
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None}
 
 
+def random_embedder(src: Path) -> Path:
+    """A copy of a sentence-transformers folder with fresh random weights: same architecture and tokenizer, so
+    the same speed, without carrying the weights to a bare GPU machine (MiniLM's are 91 MB)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoModel
+
+    dst = Path(tempfile.mkdtemp(prefix="check-emb-")) / "random"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    AutoModel.from_config(AutoConfig.from_pretrained(str(dst))).save_pretrained(str(dst))
+    return dst
+
+
 def check_embedder(args, device: str) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
@@ -122,6 +136,8 @@ def check_embedder(args, device: str) -> dict:
 
         path = build_tiny_bert([f"passage {i} about soil and maize and rain" for i in range(200)],
                                Path(tempfile.mkdtemp(prefix="check-emb-")) / "tiny")
+    elif args.emb_shape:
+        path = random_embedder(Path(args.emb_shape))
     else:
         from builder.models import resolve_embedder
 
@@ -202,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
     ap.add_argument("--emb-steps", type=int, default=None, help="timed embedder steps (default 20; 3 with --small)")
+    ap.add_argument("--emb-shape", default=None, metavar="DIR",
+                    help="sentence-transformers folder (config + tokenizer) to train with random weights")
     ap.add_argument("--emb-batch", type=int, default=None, help="pairs per embedder step (default 128; 16 with --small)")
     ap.add_argument("--faiss-n", type=int, default=None, help="vectors in the index (default 1,000,000; 20,000 small)")
     ap.add_argument("--faiss-q", type=int, default=1000, help="queries")
