@@ -83,6 +83,27 @@ def evaluate_retriever(retriever, questions: Sequence[dict], mode: str | None = 
     return retrieval_metrics(rankings, rel)
 
 
+def evaluate_modes(retriever, questions: Sequence[dict], rrf_ks: Sequence[int], k: int = 10,
+                   batch_size: int = 64) -> dict:
+    """Metrics for dense, BM25 and hybrid at each fusion k, from one dense and one BM25 search per question
+    (what ``evaluate_retriever`` would give mode by mode): {"dense": m, "bm25": m, "hybrid": {rrf_k: m}}."""
+    from serving.retrieval import rrf_fuse
+
+    by_source = group_by_source(retriever.chunks)
+    rel = [relevant_chunks(q, retriever.chunks, by_source) for q in questions]
+    dense: list[list[int]] = []
+    bm: list[list[int]] = []
+    for start in range(0, len(questions), batch_size):
+        batch = [q["question"] for q in questions[start:start + batch_size]]
+        d, b = retriever.candidates_for(batch, max(k, retriever.candidates))
+        dense.extend([p for p, _ in r] for r in d)
+        bm.extend([p for p, _ in r] for r in b)
+    return {"dense": retrieval_metrics([d[:k] for d in dense], rel),
+            "bm25": retrieval_metrics([b[:k] for b in bm], rel),
+            "hybrid": {int(rk): retrieval_metrics([[p for p, _ in rrf_fuse([d, b], k=int(rk), limit=k)]
+                                                   for d, b in zip(dense, bm)], rel) for rk in rrf_ks}}
+
+
 # ----------------------------------------------------------------------------------------------- answers
 
 def _squad_normalize(text: str) -> str:

@@ -16,7 +16,7 @@ from builder import datagen, embedder, index, ingest, llm
 from builder.bundle import BundleWriter, make_bundle_id, now_iso, version
 from builder.config import BuildConfig, dumps
 from builder.device import get_device, set_threads
-from builder.evaluate import evaluate_retriever
+from builder.evaluate import evaluate_modes
 from builder.log import check_interrupted, say, step
 from builder.models import build_tiny_bert, build_tiny_llama, folder_sha256, resolve_embedder, resolve_llm
 
@@ -159,22 +159,18 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10, and for
     hybrid also the fusion k among ``retrieval.rrf_k_choices`` (written back to ``cfg.retrieval.rrf_k``, so
     the LLM stage retrieves exactly as serving will)."""
-    from serving.retrieval import Retriever
-
     retriever = _load_unfinished(cfg, writer)
     metrics: dict[str, dict] = {}
     if held:
-        for mode in Retriever.MODES:
-            metrics[mode] = evaluate_retriever(retriever, held, mode=mode)
-        if cfg.retrieval.mode == "auto":
-            by_k = {cfg.retrieval.rrf_k: metrics["hybrid"]}
-            for k in cfg.retrieval.rrf_k_choices:
-                if int(k) not in by_k:
-                    retriever.rrf_k = int(k)
-                    by_k[int(k)] = evaluate_retriever(retriever, held, mode="hybrid")
-            # Best MRR@10; on a tie the configured k.
-            best = max(by_k, key=lambda k: (by_k[k]["mrr@10"], k == cfg.retrieval.rrf_k))
-            metrics["hybrid"] = by_k[best]
+        auto = cfg.retrieval.mode == "auto"
+        ks = [cfg.retrieval.rrf_k] + ([int(k) for k in cfg.retrieval.rrf_k_choices] if auto else [])
+        by_mode = evaluate_modes(retriever, held, ks)
+        by_k = by_mode["hybrid"]
+        metrics["dense"], metrics["bm25"] = by_mode["dense"], by_mode["bm25"]
+        # Best MRR@10; on a tie the configured k.
+        best = max(by_k, key=lambda k: (by_k[k]["mrr@10"], k == cfg.retrieval.rrf_k))
+        metrics["hybrid"] = by_k[best]
+        if auto:
             metrics["hybrid_by_rrf_k"] = {str(k): m["mrr@10"] for k, m in sorted(by_k.items())}  # type: ignore[assignment]
             cfg.retrieval.rrf_k = best
     chosen = choose_retrieval_mode(metrics, cfg.retrieval.mode)

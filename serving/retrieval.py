@@ -216,27 +216,27 @@ class Retriever:
                    BM25Index.load(index_dir / BM25_DIR, len(chunks)), mode=mode or rcfg.get("mode", "hybrid"),
                    candidates=rcfg.get("candidates", 50), rrf_k=rcfg.get("rrf_k", 60))
 
+    def candidates_for(self, queries: Sequence[str], n: int, mode: str = "hybrid") -> tuple[list[list[tuple[int, float]]] | None, list[list[tuple[int, float]]] | None]:
+        """(dense, BM25) candidate lists of (position, score), best first, for each query; a part the mode does
+        not use is None. Dense drops FAISS's empty slots, BM25 the chunks sharing no term with the query."""
+        dense = bm = None
+        if mode in ("dense", "hybrid"):
+            ids, scores = self.dense.search(self.encoder(list(queries)), n)
+            dense = [[(int(i), float(s)) for i, s in zip(ri, rs) if i >= 0] for ri, rs in zip(ids, scores)]
+        if mode in ("bm25", "hybrid"):
+            ids, scores = self.bm25.search(queries, n)
+            bm = [[(int(i), float(s)) for i, s in zip(ri, rs) if s > 0] for ri, rs in zip(ids, scores)]
+        return dense, bm
+
     def rank(self, queries: Sequence[str], k: int, mode: str | None = None) -> list[list[tuple[int, float]]]:
         """Chunk positions and scores, best first, for each query."""
         mode = mode or self.mode
-        n = max(k, self.candidates)
-        dense_ids = dense_scores = bm_ids = bm_scores = None
-        if mode in ("dense", "hybrid"):
-            emb = self.encoder(list(queries))
-            dense_ids, dense_scores = self.dense.search(emb, n)
-        if mode in ("bm25", "hybrid"):
-            bm_ids, bm_scores = self.bm25.search(queries, n)
-        out = []
-        for qi in range(len(queries)):
-            if mode == "dense":
-                out.append([(int(i), float(s)) for i, s in zip(dense_ids[qi], dense_scores[qi]) if i >= 0][:k])
-            elif mode == "bm25":
-                out.append([(int(i), float(s)) for i, s in zip(bm_ids[qi], bm_scores[qi]) if s > 0][:k])
-            else:
-                d = [int(i) for i in dense_ids[qi] if i >= 0]
-                b = [int(i) for i, s in zip(bm_ids[qi], bm_scores[qi]) if s > 0]
-                out.append(rrf_fuse([d, b], k=self.rrf_k, limit=k))
-        return out
+        dense, bm = self.candidates_for(queries, max(k, self.candidates), mode)
+        if mode == "dense":
+            return [d[:k] for d in dense]
+        if mode == "bm25":
+            return [b[:k] for b in bm]
+        return [rrf_fuse([[p for p, _ in d], [p for p, _ in b]], k=self.rrf_k, limit=k) for d, b in zip(dense, bm)]
 
     def search(self, query: str, k: int = 4, mode: str | None = None) -> list[RetrievalResult]:
         start = time.perf_counter()

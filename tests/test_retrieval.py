@@ -208,3 +208,14 @@ def test_a_bm25_index_saved_without_an_analyzer_is_read_unstemmed(tmp_path):
     assert loaded.analyzer["stemmer"] is None
     ids, scores = loaded.search(["infected ward"], 2)
     assert ids[0][0] == 0 and scores[0][0] > 0
+
+
+def test_evaluate_modes_matches_mode_by_mode_evaluation(retriever):
+    from builder.evaluate import evaluate_modes
+
+    both = evaluate_modes(retriever, QUESTIONS, [1, 60])
+    for mode in ("dense", "bm25"):
+        assert both[mode] == evaluate_retriever(retriever, QUESTIONS, mode=mode)
+    for k in (1, 60):
+        retriever.rrf_k = k
+        assert both["hybrid"][k] == evaluate_retriever(retriever, QUESTIONS, mode="hybrid")
