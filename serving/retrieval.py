@@ -75,6 +75,9 @@ class RetrievalResult:
         return asdict(self)
 
 
+FUSIONS = ("rrf", "zscore")
+
+
 def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60, weights: Sequence[float] | None = None,
              limit: int | None = None) -> list[tuple[int, float]]:
     """Reciprocal rank fusion: score(d) = sum_i w_i / (k + rank_i(d)), ranks starting at 1.
@@ -91,6 +94,60 @@ def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60, weights: Sequence[f
             order.setdefault(doc, len(order))
     fused = sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
     return fused[:limit] if limit else fused
+
+
+def zscore_fuse(scored: Sequence[Sequence[tuple[int, float]]], weights: Sequence[float] | None = None,
+                limit: int | None = None) -> list[tuple[int, float]]:
+    """Score fusion: each list's scores are standardized over that list's own candidates (z = (s - mean) / std),
+    a chunk a list did not return takes that list's lowest z, and score(d) = sum_i w_i z_i(d).
+
+    Unlike RRF it keeps how far apart the scores are, so a passage far ahead on one side is not pulled back to
+    the pack by a middling rank on the other. An empty list adds nothing; a list whose scores are all equal adds
+    0 to each of its chunks. Ties keep first-seen order, so the result is deterministic.
+    """
+    weights = weights or [1.0] * len(scored)
+    zs: list[dict[int, float]] = []
+    floors: list[float] = []
+    order: dict[int, int] = {}
+    for lst in scored:
+        vals = [s for _, s in lst]
+        if not vals:
+            zs.append({})
+            floors.append(0.0)
+            continue
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+        z = {p: ((s - mean) / std if std > 1e-12 else 0.0) for p, s in lst}
+        zs.append(z)
+        floors.append(min(z.values()))
+        for p, _ in lst:
+            order.setdefault(p, len(order))
+    fused = {p: sum(w * (z[p] if p in z else floor) for z, floor, w in zip(zs, floors, weights) if z)
+             for p in order}
+    ranked = sorted(fused.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+    return ranked[:limit] if limit else ranked
+
+
+def parse_fusion(spec: str) -> tuple[str, float]:
+    """'rrf:60' -> ('rrf', 60.0); 'zscore:0.5' -> ('zscore', 0.5) (the dense side's weight, BM25 gets the rest)."""
+    name, _, value = str(spec).partition(":")
+    if name not in FUSIONS or not value:
+        raise ValueError(f"fusion must look like 'rrf:K' or 'zscore:DENSE_WEIGHT', got {spec!r}")
+    param = float(value)
+    if name == "zscore" and not 0.0 <= param <= 1.0:
+        raise ValueError(f"zscore's dense weight must be within [0, 1], got {spec!r}")
+    if name == "rrf" and param <= 0:
+        raise ValueError(f"rrf's k must be positive, got {spec!r}")
+    return name, param
+
+
+def fuse(dense: Sequence[tuple[int, float]], bm25: Sequence[tuple[int, float]], fusion: str,
+         limit: int | None = None) -> list[tuple[int, float]]:
+    """Fuse one query's dense and BM25 candidates (position, score) the way ``fusion`` says."""
+    name, param = parse_fusion(fusion)
+    if name == "rrf":
+        return rrf_fuse([[p for p, _ in dense], [p for p, _ in bm25]], k=int(param), limit=limit)
+    return zscore_fuse([dense, bm25], weights=[param, 1.0 - param], limit=limit)
 
 
 class BM25Index:
@@ -183,14 +240,18 @@ def st_encoder(model) -> Encoder:
 
 
 class Retriever:
-    """Dense, BM25 or hybrid (RRF) search over one bundle's chunks."""
+    """Dense, BM25 or hybrid search over one bundle's chunks. Hybrid fuses the two candidate lists by
+    reciprocal rank fusion (fusion None or 'rrf:K', K = rrf_k) or by standardized scores ('zscore:W')."""
 
     MODES = ("dense", "bm25", "hybrid")
 
     def __init__(self, chunks: list[dict], encoder: Encoder | None, dense: DenseIndex | None,
-                 bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, rrf_k: int = 60):
+                 bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, rrf_k: int = 60,
+                 fusion: str | None = None):
         if mode not in self.MODES:
             raise ValueError(f"retrieval mode must be one of {self.MODES}, got {mode!r}")
+        if fusion is not None:
+            parse_fusion(fusion)
         self.chunks = chunks
         self.encoder = encoder
         self.dense = dense
@@ -198,6 +259,7 @@ class Retriever:
         self.mode = mode
         self.candidates = candidates
         self.rrf_k = rrf_k
+        self.fusion = fusion  # None: RRF with self.rrf_k
         self.last_timing_ms: float = 0.0
 
     @classmethod
@@ -214,7 +276,13 @@ class Retriever:
         model = SentenceTransformer(str(embedder_dir or bundle_dir / "embedder"), device=device)
         return cls(chunks, st_encoder(model), DenseIndex.load(index_dir / FAISS_FILE),
                    BM25Index.load(index_dir / BM25_DIR, len(chunks)), mode=mode or rcfg.get("mode", "hybrid"),
-                   candidates=rcfg.get("candidates", 50), rrf_k=rcfg.get("rrf_k", 60))
+                   candidates=rcfg.get("candidates", 50), rrf_k=rcfg.get("rrf_k", 60),
+                   fusion=rcfg.get("fusion"))
+
+    @property
+    def fusion_spec(self) -> str:
+        """The hybrid fusion in use, as 'rrf:K' or 'zscore:W'."""
+        return self.fusion or f"rrf:{self.rrf_k}"
 
     def candidates_for(self, queries: Sequence[str], n: int, mode: str = "hybrid") -> tuple[list[list[tuple[int, float]]] | None, list[list[tuple[int, float]]] | None]:
         """(dense, BM25) candidate lists of (position, score), best first, for each query; a part the mode does
@@ -236,7 +304,7 @@ class Retriever:
             return [d[:k] for d in dense]
         if mode == "bm25":
             return [b[:k] for b in bm]
-        return [rrf_fuse([[p for p, _ in d], [p for p, _ in b]], k=self.rrf_k, limit=k) for d, b in zip(dense, bm)]
+        return [fuse(d, b, self.fusion_spec, limit=k) for d, b in zip(dense, bm)]
 
     def search(self, query: str, k: int = 4, mode: str | None = None) -> list[RetrievalResult]:
         start = time.perf_counter()

@@ -42,6 +42,18 @@ def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
     assert (tiny_bundle.parent / "latest").resolve() == tiny_bundle.resolve()
 
 
+def test_auto_mode_serves_the_fusion_with_the_best_held_out_mrr(tiny_bundle):
+    from serving.retrieval import Retriever
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    tried = manifest["metrics"]["retrieval"]["hybrid_by_fusion"]
+    assert {"rrf:10", "rrf:30", "rrf:60", "zscore:0.4", "zscore:0.5", "zscore:0.6"} <= set(tried)
+    served = manifest["retrieval"]["fusion"]
+    assert tried[served] == max(tried.values())
+    assert manifest["metrics"]["retrieval"]["hybrid"]["mrr@10"] == tried[served]
+    assert Retriever.load(tiny_bundle).fusion_spec == served
+
+
 def test_heldout_faq_questions_are_not_indexed(tiny_bundle):
     held = [json.loads(line) for line in (tiny_bundle / "eval" / "heldout.jsonl").open()]
     assert held, "the sample FAQ should leave some questions for evaluation"

@@ -213,9 +213,47 @@ def test_a_bm25_index_saved_without_an_analyzer_is_read_unstemmed(tmp_path):
 def test_evaluate_modes_matches_mode_by_mode_evaluation(retriever):
     from builder.evaluate import evaluate_modes
 
-    both = evaluate_modes(retriever, QUESTIONS, [1, 60])
+    both = evaluate_modes(retriever, QUESTIONS, ["rrf:1", "rrf:60", "zscore:0.5", "zscore:1"])
     for mode in ("dense", "bm25"):
         assert both[mode] == evaluate_retriever(retriever, QUESTIONS, mode=mode)
     for k in (1, 60):
         retriever.rrf_k = k
-        assert both["hybrid"][k] == evaluate_retriever(retriever, QUESTIONS, mode="hybrid")
+        assert both["hybrid"][f"rrf:{k}"] == evaluate_retriever(retriever, QUESTIONS, mode="hybrid")
+    for spec in ("zscore:0.5", "zscore:1"):
+        retriever.fusion = spec
+        assert both["hybrid"][spec] == evaluate_retriever(retriever, QUESTIONS, mode="hybrid")
+    # all the weight on the dense side ranks as dense does (z-scores are monotone in the scores)
+    assert both["hybrid"]["zscore:1"]["mrr@10"] == both["dense"]["mrr@10"]
+
+
+def test_zscore_fusion_standardizes_each_list_and_fills_missing_with_its_floor():
+    from serving.retrieval import zscore_fuse
+
+    dense = [(0, 0.9), (1, 0.5), (2, 0.1)]       # z: +1.22, 0, -1.22
+    bm25 = [(2, 30.0), (3, 10.0)]                # z: +1, -1
+    fused = dict(zscore_fuse([dense, bm25], weights=[0.5, 0.5]))
+    z = 0.4 / math.sqrt(0.32 / 3)  # (0.9 - 0.5) / std([0.9, 0.5, 0.1])
+    assert abs(fused[0] - 0.5 * (z + -1.0)) < 1e-9   # missing from BM25: BM25's lowest z
+    assert abs(fused[1] - 0.5 * (0.0 - 1.0)) < 1e-9
+    assert abs(fused[2] - 0.5 * (-z + 1.0)) < 1e-9
+    assert abs(fused[3] - 0.5 * (-z - 1.0)) < 1e-9   # missing from dense: dense's lowest z
+    order = [p for p, _ in zscore_fuse([dense, bm25], weights=[0.5, 0.5])]
+    assert order == [0, 2, 1, 3]
+    # RRF ranks 2 first (2nd + 1st beats 1st + absent); z-scores keep dense's wide lead for 0
+    assert [p for p, _ in rrf_fuse([[0, 1, 2], [2, 3]], k=1)][0] == 2
+    # an empty list adds nothing; equal scores add zero; limit cuts
+    assert zscore_fuse([[(5, 1.0), (6, 1.0)], []], limit=1) == [(5, 0.0)]
+
+
+def test_fusion_specs_are_checked():
+    from builder.config import ConfigError, load_config
+    from serving.retrieval import parse_fusion
+
+    assert parse_fusion("rrf:10") == ("rrf", 10.0) and parse_fusion("zscore:0.4") == ("zscore", 0.4)
+    for bad in ("rrf", "zscore:1.5", "borda:3", "rrf:0"):
+        with pytest.raises(ValueError):
+            parse_fusion(bad)
+    with pytest.raises(ConfigError, match="retrieval.fusion"):
+        load_config("tiny", overrides=["retrieval.fusion=zscore:2"])
+    assert load_config("tiny", overrides=["retrieval.fusion=zscore:0.3"]).retrieval.fusion_spec() == "zscore:0.3"
+    assert load_config("tiny").retrieval.fusion_spec() == "rrf:60"
