@@ -103,7 +103,11 @@ class LLMConfig:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA path.")
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                               "Modules that get LoRA adapters.")
-    max_steps: int = _f(300, "Optimizer steps of LoRA training.")
+    max_steps: int = _f(300, "Optimizer steps of LoRA training (the least, where steps_per_question asks for more).")
+    steps_per_question: float = _f(0.0, "Train for at least this many steps per supervised training question (FAQ "
+                                   "and --questions), so a folder with more supervision gets more training; "
+                                   "0: exactly max_steps.")
+    steps_cap: int = _f(0, "Most steps steps_per_question may ask for (0: no cap); bounds the stage's time.")
     batch_size: int = _f(8, "Examples per optimizer step (after gradient accumulation).")
     micro_batch_size: int = _f(8, "Examples per forward pass.")
     learning_rate: float = _f(2e-4, "Peak learning rate.")
@@ -266,6 +270,8 @@ def _check(cfg: BuildConfig) -> None:
             raise ConfigError(f"retrieval.fusion: {exc}") from None
     if str(cfg.eval.vllm_eager).lower() not in ("yes", "no", "auto"):
         raise ConfigError(f"eval.vllm_eager: expected yes, no or auto, got {cfg.eval.vllm_eager!r}")
+    if cfg.llm.steps_per_question < 0 or cfg.llm.steps_cap < 0:
+        raise ConfigError("llm.steps_per_question and llm.steps_cap must not be negative")
     for w in cfg.retrieval.zscore_weight_choices:
         try:
             ok = 0 <= float(w) <= 1

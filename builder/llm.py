@@ -59,6 +59,11 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
     retriever = load_retriever(bundle_dir, cfg, retrieval_mode)
     gate_questions, train_questions, gate_from = split_gate(heldout, train_questions, cfg.seed)
 
+    requested = cfg.llm.max_steps
+    cfg.llm.max_steps = training_steps(cfg.llm, len(train_questions))
+    if cfg.llm.max_steps != requested:
+        say(f"    {cfg.llm.max_steps} LoRA steps for {len(train_questions)} supervised questions "
+            f"(llm.steps_per_question {cfg.llm.steps_per_question:g}, cap {cfg.llm.steps_cap or 'none'})")
     tok = load_tokenizer(base)
 
     def count(messages: list[dict]) -> int:
@@ -156,6 +161,17 @@ def wants_merged(cfg: BuildConfig) -> bool:
 
     choice = str(cfg.serve.use_merged).lower()
     return bool(cfg.llm.merge) or choice in ("yes", "true", "1") or (choice == "auto" and not cuda_available())
+
+
+def training_steps(llm, supervised_questions: int) -> int:
+    """LoRA steps: ``max_steps``, raised to ``steps_per_question`` per supervised question, at most ``steps_cap``
+    (which never cuts below ``max_steps``)."""
+    import math
+
+    want = math.ceil(llm.steps_per_question * supervised_questions) if llm.steps_per_question > 0 else 0
+    if llm.steps_cap:
+        want = min(want, llm.steps_cap)
+    return max(int(llm.max_steps), want)
 
 
 def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None):

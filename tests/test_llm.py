@@ -298,3 +298,15 @@ def test_llm_stage_writes_the_adapter_loss_curve_chat_data_and_manifest_entry(ti
     rows = chatdata.read_examples(bundle / "data" / "chat_train.jsonl")
     assert rows and all(r["messages"][-1]["role"] == "assistant" for r in rows)
     assert not (bundle.parent / ".checkpoints").exists() or not any((bundle.parent / ".checkpoints").iterdir())
+
+
+def test_training_steps_grow_with_supervision_within_the_cap():
+    from builder.config import LLMConfig
+    from builder.llm import training_steps
+
+    llm = LLMConfig(max_steps=48, steps_per_question=0.1, steps_cap=96)
+    assert training_steps(llm, 100) == 48          # a small FAQ: the floor
+    assert training_steps(llm, 887) == 89          # COVID-QA's training questions
+    assert training_steps(llm, 5000) == 96         # capped
+    assert training_steps(LLMConfig(max_steps=48), 5000) == 48  # off by default
+    assert training_steps(LLMConfig(max_steps=120, steps_per_question=0.1, steps_cap=96), 5000) == 120
