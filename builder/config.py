@@ -70,7 +70,7 @@ class EmbedderConfig:
 
 @dataclass
 class RetrievalConfig:
-    mode: str = _f("auto", "How the served retriever ranks: 'dense', 'bm25', 'hybrid' (reciprocal rank fusion), "
+    mode: str = _f("auto", "How the served retriever ranks: 'dense', 'bm25', 'hybrid' (the two fused, see fusion), "
                    "or 'auto' (the best of the three on the held-out split).")
     top_k: int = _f(4, "Passages given to the LLM per question.")
     candidates: int = _f(50, "Candidates each retriever returns before fusion.")
@@ -79,7 +79,7 @@ class RetrievalConfig:
                              "(the one with the best MRR@10 is served; the configured fusion on a tie).")
     fusion: str = _f("", "How hybrid fuses dense and BM25: 'rrf:K' (reciprocal rank fusion), 'zscore:W' (standardized "
                      "scores, dense weighted W, BM25 1-W), or empty for 'rrf:<rrf_k>'. Under mode 'auto' the build "
-                     "writes the winner here.")
+                     "picks one on the held-out split and records it in the manifest's retrieval.fusion.")
     zscore_weight_choices: list = _f([0.4, 0.5, 0.6], "Under mode 'auto', the dense weights of z-score fusion "
                                      "tried on the held-out split beside the RRF k values.")
     bm25_stemmer: str = _f("english", "Snowball stemmer for BM25 tokens (PyStemmer language name; empty: none).")
