@@ -87,7 +87,9 @@ class RetrievalConfig:
     bm25_b: float = _f(0.75, "BM25 length normalization b.")
 
     def fusion_spec(self) -> str:
-        return self.fusion or f"rrf:{self.rrf_k}"
+        from serving.retrieval import resolve_fusion
+
+        return resolve_fusion(self.fusion, self.rrf_k)
 
     def bm25_analyzer(self) -> dict:
         return {"stemmer": self.bm25_stemmer or None, "k1": float(self.bm25_k1), "b": float(self.bm25_b)}

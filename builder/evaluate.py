@@ -101,7 +101,7 @@ def evaluate_modes(retriever, questions: Sequence[dict], fusions: Sequence[str],
         bm.extend(b)
     return {"dense": retrieval_metrics([[p for p, _ in d[:k]] for d in dense], rel),
             "bm25": retrieval_metrics([[p for p, _ in b[:k]] for b in bm], rel),
-            "hybrid": {f: retrieval_metrics([[p for p, _ in fuse(d, b, f, limit=k)] for d, b in zip(dense, bm)], rel)
+            "hybrid": {f: retrieval_metrics([[p for p, _ in r] for r in fuse(dense, bm, f, limit=k)], rel)
                        for f in dict.fromkeys(fusions)}}
 
 

@@ -141,13 +141,19 @@ def parse_fusion(spec: str) -> tuple[str, float]:
     return name, param
 
 
-def fuse(dense: Sequence[tuple[int, float]], bm25: Sequence[tuple[int, float]], fusion: str,
-         limit: int | None = None) -> list[tuple[int, float]]:
-    """Fuse one query's dense and BM25 candidates (position, score) the way ``fusion`` says."""
+def resolve_fusion(fusion: str | None, rrf_k: int) -> str:
+    """The fusion in effect: ``fusion`` when set, else RRF with ``rrf_k`` (what bundles before 'fusion' meant)."""
+    return fusion or f"rrf:{rrf_k}"
+
+
+def fuse(dense: Sequence[Sequence[tuple[int, float]]], bm25: Sequence[Sequence[tuple[int, float]]], fusion: str,
+         limit: int | None = None) -> list[list[tuple[int, float]]]:
+    """Fuse each query's dense and BM25 candidates (position, score) the way ``fusion`` says (parsed once)."""
     name, param = parse_fusion(fusion)
     if name == "rrf":
-        return rrf_fuse([[p for p, _ in dense], [p for p, _ in bm25]], k=int(param), limit=limit)
-    return zscore_fuse([dense, bm25], weights=[param, 1.0 - param], limit=limit)
+        return [rrf_fuse([[p for p, _ in d], [p for p, _ in b]], k=int(param), limit=limit)
+                for d, b in zip(dense, bm25)]
+    return [zscore_fuse([d, b], weights=[param, 1.0 - param], limit=limit) for d, b in zip(dense, bm25)]
 
 
 class BM25Index:
@@ -282,7 +288,7 @@ class Retriever:
     @property
     def fusion_spec(self) -> str:
         """The hybrid fusion in use, as 'rrf:K' or 'zscore:W'."""
-        return self.fusion or f"rrf:{self.rrf_k}"
+        return resolve_fusion(self.fusion, self.rrf_k)
 
     def candidates_for(self, queries: Sequence[str], n: int, mode: str = "hybrid") -> tuple[list[list[tuple[int, float]]] | None, list[list[tuple[int, float]]] | None]:
         """(dense, BM25) candidate lists of (position, score), best first, for each query; a part the mode does
@@ -304,7 +310,7 @@ class Retriever:
             return [d[:k] for d in dense]
         if mode == "bm25":
             return [b[:k] for b in bm]
-        return [fuse(d, b, self.fusion_spec, limit=k) for d, b in zip(dense, bm)]
+        return fuse(dense, bm, self.fusion_spec, limit=k)
 
     def search(self, query: str, k: int = 4, mode: str | None = None) -> list[RetrievalResult]:
         start = time.perf_counter()
