@@ -34,7 +34,7 @@ REQUIRED_KEYS = ("bundle_id", "created_at", "builder_version", "config", "knowle
 
 
 def make_bundle_id(knowledge_dir: Path, file_hashes: list[str], config_json: str) -> str:
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     h = hashlib.sha256(config_json.encode())
     for fh in sorted(file_hashes):
         h.update(fh.encode())
@@ -70,8 +70,7 @@ class BundleWriter:
         p = self.path(rel)
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         return p
 
     def commit(self, manifest: dict) -> Path:
@@ -106,7 +105,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def version() -> str:

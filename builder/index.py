@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,7 +33,6 @@ def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "
     bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)
     bm25.save(index_dir / BM25_DIR)
     with open(index_dir / CHUNKS_FILE, "w", encoding="utf-8") as fh:
-        for c in chunks:
-            fh.write(json.dumps(c, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks)
     return {"chunks": len(chunks), "dim": int(emb.shape[1]), "faiss": "IndexFlatIP (cosine, exact)",
             "bm25": bm25.analyzer}

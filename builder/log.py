@@ -6,8 +6,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # Ctrl-C raises KeyboardInterrupt wherever the main thread is. Python drops an exception raised while it runs a
 # finalizer (a __del__ or weakref callback during garbage collection), so a Ctrl-C can be lost there; the

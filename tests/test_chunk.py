@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from builder.chunk import run as chunk
 from builder.config import ChunkConfig
 from builder.ingest import Block, Document
@@ -31,7 +33,7 @@ def test_long_sections_split_under_the_limit_with_sentence_overlap():
     chunks = chunk(cfg, [d], word_counter)
     assert len(chunks) > 3
     assert all(c.n_tokens <= cfg.max_tokens for c in chunks)
-    for a, b in zip(chunks, chunks[1:]):
+    for a, b in itertools.pairwise(chunks):
         last_sentence_of_a = a.text.splitlines()[-1].split(". ")[-1]
         assert last_sentence_of_a.rstrip(".") in b.text, "consecutive chunks should share a sentence"
     covered = " ".join(c.text for c in chunks)

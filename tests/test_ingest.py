@@ -34,7 +34,7 @@ def test_markdown_keeps_heading_path_and_drops_markup(tmp_path):
                                        "### Spacing\n\nUse **75 cm** between rows and [25 cm](x.html) within.\n")
     doc = _docs(ingest(IngestConfig(), tmp_path, log=_quiet))["guide.md"]
     assert doc.title == "Maize Guide"
-    spacing = [b for b in doc.blocks if "75 cm" in b.text][0]
+    spacing = next(b for b in doc.blocks if "75 cm" in b.text)
     assert spacing.headings == ("Maize Guide", "Planting", "Spacing")
     assert spacing.text == "Use 75 cm between rows and 25 cm within."
 
@@ -49,7 +49,7 @@ def test_html_drops_scripts_and_styles_and_keeps_headings_and_tables(tmp_path):
     text = doc.text
     assert doc.title == "Dairy Notes"
     assert "tracking" not in text and "color" not in text
-    water = [b for b in doc.blocks if "70 litres" in b.text][0]
+    water = next(b for b in doc.blocks if "70 litres" in b.text)
     assert water.headings == ("Dairy", "Feeding")
     assert any(b.kind == "table" and "Napier | 40" in b.text for b in doc.blocks)
 
@@ -58,7 +58,7 @@ def test_pdf_pages_are_numbered(tmp_path):
     make_pdf(tmp_path / "coffee.pdf", [["Coffee delivery rules.", "Cherry must be red ripe."],
                                        ["Payment is made on the 15th of each month."]])
     doc = _docs(ingest(IngestConfig(), tmp_path, log=_quiet))["coffee.pdf"]
-    payment = [b for b in doc.blocks if "15th" in b.text][0]
+    payment = next(b for b in doc.blocks if "15th" in b.text)
     assert payment.page == 2
     assert payment.location() == "page 2"
 
@@ -68,7 +68,7 @@ def test_docx_headings_paragraphs_and_tables(tmp_path):
                                                   ("Meetings", ["The AGM is held every March."])],
               table=[["Fee", "KES"], ["Entrance", "1000"]])
     doc = _docs(ingest(IngestConfig(), tmp_path, log=_quiet))["bylaws.docx"]
-    agm = [b for b in doc.blocks if "AGM" in b.text][0]
+    agm = next(b for b in doc.blocks if "AGM" in b.text)
     assert agm.headings == ("By-laws", "Meetings")
     assert any(b.kind == "table" and "Entrance | 1000" in b.text for b in doc.blocks)
 

@@ -240,7 +240,7 @@ def test_zscore_fusion_standardizes_each_list_and_fills_missing_with_its_floor()
     order = [p for p, _ in zscore_fuse([dense, bm25], weights=[0.5, 0.5])]
     assert order == [0, 2, 1, 3]
     # RRF ranks 2 first (2nd + 1st beats 1st + absent); z-scores keep dense's wide lead for 0
-    assert [p for p, _ in rrf_fuse([[0, 1, 2], [2, 3]], k=1)][0] == 2
+    assert rrf_fuse([[0, 1, 2], [2, 3]], k=1)[0][0] == 2
     # an empty list adds nothing; equal scores add zero; limit cuts
     assert zscore_fuse([[(5, 1.0), (6, 1.0)], []], limit=1) == [(5, 0.0)]
 
