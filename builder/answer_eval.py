@@ -9,7 +9,8 @@ Metrics per system (``answer_report`` returns ``{system: {metric: float}}``, pri
 - ``exact_match``, ``f1`` (SQuAD token F1), ``rouge_l``: against the gold answer, citation markers removed;
 - ``citation_accuracy``: share of answerable questions whose answer cites a passage ([n]) and whose first
   cited passage is a chunk of the question's source document (without a source: a chunk holding the answer);
-  an answer that cites nothing counts as wrong;
+  an answer that cites nothing counts as wrong. Scored on the answer as served, its markers grounded
+  (``serving.citations``); ``citation_accuracy_model`` scores the markers the model wrote;
 - ``refusal_rate``: share of unanswerable questions answered with the refusal sentence. The unanswerable set
   is made deterministically: (a) a quarter of the scored questions (at most 50, chosen by a hash of the
   question), each paired with the best retrieved passages that are *not* from its source document and do not
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from builder.datagen import stable_fraction
 from builder.evaluate import exact_match, normalize, rouge_l, token_f1
+from serving.citations import ground_citations
 from serving.prompting import build_messages, is_refusal, parse_citations
 
 SYSTEMS = ("base_no_retrieval", "base", "finetuned")
@@ -135,7 +137,10 @@ def score(answers: Sequence[str], questions: Sequence[dict], contexts: Sequence[
            "f1": sum(token_f1(a, q["answer"]) for a, q in zip(answers, questions)) / n,
            "rouge_l": sum(rouge_l(a, q["answer"]) for a, q in zip(answers, questions)) / n}
     if contexts is not None:
-        out["citation_accuracy"] = sum(cites_gold(a, c, q) for a, c, q in zip(answers, contexts, questions)) / n
+        # As served: the gateway grounds each marker (serving/citations.py); the model's own markers beside it.
+        out["citation_accuracy"] = sum(cites_gold(ground_citations(a, c), c, q)
+                                       for a, c, q in zip(answers, contexts, questions)) / n
+        out["citation_accuracy_model"] = sum(cites_gold(a, c, q) for a, c, q in zip(answers, contexts, questions)) / n
         out["false_refusal_rate"] = sum(is_refusal(a) for a in answers) / n
     if unanswerable is not None:
         out["refusal_rate"] = sum(is_refusal(a) for a in unanswerable) / max(1, len(unanswerable))

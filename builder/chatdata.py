@@ -5,7 +5,8 @@ then the question under numbered passages that the bundle's own retriever return
 answer. In most examples the passage that holds the answer (the "gold" chunk) is among the passages, next to
 retrieved distractors, and the target quotes the answer and cites that passage ``[n]``. In a share of
 ``llm.p_gold_absent`` examples every chunk of the answer's document is taken out of the context, and the
-target is the refusal sentence, so the model learns to decline instead of guessing.
+target is the refusal sentence, so the model learns to decline instead of guessing. In a share of
+``llm.shuffle_context`` examples (default none) the passages are put in a random order, as in RAFT.
 
 Where the answers come from, in order of preference:
 - ``question``: the supervision the folder brings (its FAQ train split and ``--questions``), answer as given;
@@ -232,11 +233,13 @@ def _window(text: str, answer: str, words: int) -> str:
 
 def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankings: Sequence[Sequence[int]],
                        context_chunks: int, p_gold_absent: float, seed: int = 0,
-                       count: TokenCount | None = None, max_tokens: int | None = None) -> list[dict]:
+                       count: TokenCount | None = None, max_tokens: int | None = None,
+                       shuffle: float = 0.0) -> list[dict]:
     """One chat example per question that some chunk answers.
 
     ``questions``: {"question", "answer", "source"?, "origin"?, "gold"? (chunk positions, else found here)};
-    ``rankings``: the retriever's chunk positions for each question, best first (``Retriever.rank``).
+    ``rankings``: the retriever's chunk positions for each question, best first (``Retriever.rank``);
+    ``shuffle``: share of examples whose passages are put in a random (seeded) order.
     Returns rows {"messages", "question", "answer", "origin", "gold_in_context", "cited", "context_chunk_ids",
     "gold_chunk_ids"}; the last message is the assistant's target.
     """
@@ -264,20 +267,24 @@ def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankin
                 # The retriever missed it: the gold chunk takes a random place, as it might at serving time.
                 pos = rng.randrange(min(len(context), context_chunks - 1) + 1) if context else 0
                 context = (context[:pos] + [gold[0]] + context[pos:])[:context_chunks]
-            gold_positions = [j for j, i in enumerate(context) if i in gold]
-            cited = [gold_positions[0] + 1]
-            target = cite(q["answer"], cited[0])
         if not context:
             continue
-        passages = [_passage(chunks[i]) for i in context]
+        if stable_fraction(key, seed + 2) < shuffle:
+            rng.shuffle(context)
+        if not absent:
+            target = cite(q["answer"], 1)  # the marker's width is what counts for fitting; renumbered below
+        passages = [dict(_passage(chunks[i]), _at=j) for j, i in enumerate(context)]
         if count is not None and max_tokens:
             keep = {j for j, i in enumerate(context) if i in gold}
             fitted = fit_context(q["question"], passages, target, keep, count, max_tokens)
             if fitted is None:
                 continue
-            if len(fitted) < len(passages):  # distractors dropped from the end: gold positions unchanged
-                context = context[:len(fitted)]
+            context = [context[p["_at"]] for p in fitted]  # distractors may have been dropped anywhere
             passages = fitted
+        passages = [{k: v for k, v in p.items() if k != "_at"} for p in passages]
+        if not absent:
+            cited = [next(j for j, i in enumerate(context) if i in gold) + 1]
+            target = cite(q["answer"], cited[0])
         messages = build_messages(q["question"], passages) + [{"role": "assistant", "content": target}]
         out.append({"messages": messages, "question": q["question"], "answer": q["answer"],
                     "origin": q.get("origin") or "question", "gold_in_context": not absent, "cited": cited,
@@ -319,7 +326,7 @@ def build_chat_data(cfg, chunks: Sequence[dict], train_questions: Sequence[dict]
     rankings = [[i for i, _ in r] for r in _rank_all(retriever, [q["question"] for q in pool],
                                                       llm.context_chunks + EXTRA_CANDIDATES)]
     rows = make_chat_examples(pool, chunks, rankings, llm.context_chunks, llm.p_gold_absent, cfg.seed,
-                              count=count, max_tokens=llm.max_seq_len)
+                              count=count, max_tokens=llm.max_seq_len, shuffle=llm.shuffle_context)
     write_examples(rows, out_path)
     return rows
 

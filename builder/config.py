@@ -20,7 +20,7 @@ import yaml
 PROFILES = ("tiny", "cpu", "gpu")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best at call sites
+def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -116,6 +116,9 @@ class LLMConfig:
     max_seq_len: int = _f(768, "Longest training example, in LLM tokens; longer contexts are trimmed.")
     context_chunks: int = _f(3, "Passages in each training example's context (gold + distractors).")
     p_gold_absent: float = _f(0.15, "Share of training examples whose context lacks the answer (taught to decline).")
+    shuffle_context: float = _f(0.0, "Share of training examples whose passages are put in a random order (RAFT); "
+                                "0 keeps the retriever's order, as served. On COVID-QA, 0.5 did not teach "
+                                "SmolLM2-135M to cite past [1] and cost F1 (0.267 -> 0.213); see BENCHMARKS.md.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps.")
     merge: bool = _f(False, "Also write merged full weights (llm/merged) for engines where LoRA kernels are slow.")
     max_new_tokens: int = _f(96, "Longest generated answer.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from serving.bundle import Bundle
+from serving.citations import ground_citations
 from serving.prompting import build_messages
 from serving.retrieval import Retriever
 
@@ -54,7 +55,7 @@ class LocalAssistant:
         self.bundle, self.retriever, self.model, self.tok = bundle, retriever, model, tok
 
     @classmethod
-    def load(cls, path: str | Path, use_adapter: bool = True) -> "LocalAssistant":
+    def load(cls, path: str | Path, use_adapter: bool = True) -> LocalAssistant:
         bundle = Bundle.load(path)
         retriever = Retriever.load(bundle.path)
         model, tok = load_generator(bundle, use_adapter=use_adapter)
@@ -65,6 +66,6 @@ class LocalAssistant:
         passages = [h.to_dict() for h in hits]
         messages = build_messages(question, passages)
         text = generate(self.model, self.tok, [messages], max_new_tokens=self.bundle.max_new_tokens)[0]
-        return {"answer": text,
+        return {"answer": ground_citations(text, passages),
                 "sources": [{"source": h.source, "location": h.location, "chunk_id": h.chunk_id,
                              "score": h.score, "text": h.text} for h in hits]}

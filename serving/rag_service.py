@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.bundle import Bundle
+from serving.citations import CitationGrounder, ground_citations
 from serving.prompting import build_messages, parse_citations
 from serving.protocol import Source, Usage
 from serving.retrieval import STOPWORDS, RetrievalResult, Retriever
@@ -117,6 +118,10 @@ def split_conversation(messages: Sequence[dict], keep: int) -> tuple[str, list[d
 def snippet(text: str, limit: int = 240) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[:limit - 1].rstrip() + "…"
+
+
+def prompt_passages(hits: Sequence[RetrievalResult]) -> list[dict]:
+    return [h.to_dict() for h in hits]
 
 
 def to_sources(hits: Sequence[RetrievalResult], cited: Sequence[int] = ()) -> list[Source]:
@@ -403,7 +408,7 @@ class RagService:
         question, history = split_conversation(messages, self.settings.history_messages)
         query = retrieval_query(messages)
         hits, ms = await self.retrieve(assistant.name, query, passages)
-        prompt = build_messages(question, [h.to_dict() for h in hits], history)
+        prompt = build_messages(question, prompt_passages(hits), history)
         return assistant, query, hits, ms, prompt
 
     async def answer(self, model: str | None, messages: Sequence[dict], params: dict | None = None,
@@ -412,8 +417,9 @@ class RagService:
         assistant, query, hits, ms, prompt = await self._prepare(model, messages, passages)
         done = await self.upstream.complete(assistant.served.upstream_model, prompt,
                                             self._params(assistant, params))
-        cited = parse_citations(done.text, len(hits))
-        return {"text": done.text, "finish_reason": done.finish_reason, "usage": done.usage,
+        text = ground_citations(done.text, prompt_passages(hits)) if self.settings.ground_citations else done.text
+        cited = parse_citations(text, len(hits))
+        return {"text": text, "finish_reason": done.finish_reason, "usage": done.usage,
                 "sources": to_sources(hits, cited), "query": query, "retrieval_ms": round(ms, 2)}
 
     async def answer_events(self, model: str | None, messages: Sequence[dict], params: dict | None = None,
@@ -424,15 +430,22 @@ class RagService:
         ms = round(ms, 2)
         yield AnswerEvent("sources", sources=to_sources(hits), query=query, retrieval_ms=ms)
         text, finish, usage = "", None, None
+        grounder = CitationGrounder(prompt_passages(hits)) if self.settings.ground_citations else None
         async for kind, value in self.upstream.stream(assistant.served.upstream_model, prompt,
                                                       self._params(assistant, params)):
             if kind == "delta":
-                text += value
-                yield AnswerEvent("delta", text=value)
+                value = grounder.feed(value) if grounder else value
+                if value:
+                    text += value
+                    yield AnswerEvent("delta", text=value)
             elif kind == "finish":
                 finish = value
             elif kind == "usage":
                 usage = value
+        rest = grounder.finish() if grounder else ""
+        if rest:
+            text += rest
+            yield AnswerEvent("delta", text=rest)
         cited = parse_citations(text, len(hits))
         yield AnswerEvent("done", text=text, sources=to_sources(hits, cited), query=query, retrieval_ms=ms,
                           finish_reason=finish or "stop", usage=usage)

@@ -38,6 +38,8 @@ class GatewaySettings:
     # torch threads for query embedding. vLLM keeps the cores busy; one thread embeds a short query fastest
     # beside it (MiniLM, 2-core machine, vLLM loaded: 13 ms median with 1 thread, 77 ms with 2). 0: leave as is.
     retrieval_threads: int = 1
+    # Renumber a citation marker that points at a passage not holding the text it follows (serving/citations.py).
+    ground_citations: bool = True
     ui: bool = True  # mount the Gradio chat at ui_path
     ui_path: str = "/"
     title: str = "Domain assistant"
@@ -45,7 +47,7 @@ class GatewaySettings:
     @classmethod
     def from_env(cls) -> GatewaySettings:
         """ASSISTANT_BUNDLE (one or more, separated by ':'), ASSISTANT_VLLM_URL, ASSISTANT_VLLM_API_KEY,
-        ASSISTANT_API_KEY, ASSISTANT_MODEL_NAME, ASSISTANT_UPSTREAM_MODEL."""
+        ASSISTANT_API_KEY, ASSISTANT_MODEL_NAME, ASSISTANT_UPSTREAM_MODEL, ASSISTANT_GROUND_CITATIONS (0: off)."""
         from builder.device import get_device
         from serving.bundle import Bundle
         from serving.vllm_server import choose_weights
@@ -64,7 +66,8 @@ class GatewaySettings:
             models.append(ServedModel(name, bundle.path, upstream, weights))
         key = os.environ.get("ASSISTANT_API_KEY") or None
         return cls(models=models, vllm_base_url=os.environ.get("ASSISTANT_VLLM_URL", cls.vllm_base_url),
-                   vllm_api_key=os.environ.get("ASSISTANT_VLLM_API_KEY") or key, api_key=key)
+                   vllm_api_key=os.environ.get("ASSISTANT_VLLM_API_KEY") or key, api_key=key,
+                   ground_citations=os.environ.get("ASSISTANT_GROUND_CITATIONS", "1").lower() not in ("0", "false", "no"))
 
 
 def served_model_name(bundle) -> str:

@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Self
 
 from fastapi import FastAPI, Request
@@ -29,7 +30,8 @@ def answer_for(messages: list[dict]) -> str:
     return f"According to {m.group(1).strip()} the answer is in the first passage [1]." if m else "No passages were given."
 
 
-def make_app(models: list[str], api_key: str | None = None, token_delay_s: float = 0.0) -> FastAPI:
+def make_app(models: list[str], api_key: str | None = None, token_delay_s: float = 0.0,
+             answer: Callable[[list[dict]], str] = answer_for) -> FastAPI:
     app = FastAPI()
     app.state.requests = []
 
@@ -58,7 +60,7 @@ def make_app(models: list[str], api_key: str | None = None, token_delay_s: float
         if body.get("model") not in models:
             return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                            "type": "NotFoundError", "param": "model", "code": 404}}, 404)
-        words = answer_for(body["messages"]).split(" ")
+        words = answer(body["messages"]).split(" ")
         limit = int(body.get("max_tokens") or 64)
         words = words[:limit]
         finish = "length" if len(words) == limit else "stop"

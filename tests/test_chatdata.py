@@ -169,3 +169,38 @@ def test_the_same_inputs_give_the_same_examples():
     questions = _questions(chunks, 40)
     args = (questions, chunks, _rankings(questions, chunks), 3, 0.3, 9)
     assert chatdata.make_chat_examples(*args) == chatdata.make_chat_examples(*args)
+
+
+def _cited_chunk_is_gold(row: dict) -> bool:
+    n = parse_citations(row["messages"][-1]["content"])[0]
+    return row["context_chunk_ids"][n - 1] in row["gold_chunk_ids"] and row["cited"] == [n]
+
+
+def test_shuffled_contexts_move_the_gold_passage_and_the_citation_follows_it():
+    chunks = _corpus()
+    questions = _questions(chunks, 60)
+    kept = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
+                                       p_gold_absent=0.0, seed=1)
+    shuffled = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
+                                           p_gold_absent=0.0, seed=1, shuffle=1.0)
+    assert {r["cited"][0] for r in kept} == {1}  # the fake retriever ranks the gold chunk first
+    assert len({r["cited"][0] for r in shuffled}) == 4
+    assert all(_cited_chunk_is_gold(r) for r in kept + shuffled)
+    assert sorted(map(sorted, (r["context_chunk_ids"] for r in kept))) == \
+        sorted(map(sorted, (r["context_chunk_ids"] for r in shuffled)))  # same passages, other order
+
+
+def test_citation_is_numbered_after_distractors_are_dropped_to_fit():
+    chunks = _corpus()
+    for c in chunks:
+        c["text"] = c["text"] + " " + " ".join(f"filler{k}" for k in range(150))
+    questions = _questions(chunks, 30)
+
+    def count(messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
+                                       p_gold_absent=0.0, seed=2, count=count, max_tokens=310, shuffle=1.0)
+    assert rows and any(len(r["context_chunk_ids"]) < 4 for r in rows)
+    assert any(r["cited"][0] > 1 for r in rows)
+    assert all(_cited_chunk_is_gold(r) for r in rows)

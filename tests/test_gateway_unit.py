@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import openai
 import pytest
@@ -256,3 +257,33 @@ def test_no_vllm_mode_generates_in_process(tiny_bundle):
                                                      messages=[{"role": "user", "content": QUESTION}]))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert chunks[-1].sources
+
+
+_PASSAGE = re.compile(r'<passage id="(\d+)" source="[^"]*">\n(.*?)\n</passage>', re.DOTALL)
+
+
+def quote_second_cite_first(messages: list[dict]) -> str:
+    """A model that quotes passage 2 and cites [1], the habit grounding corrects."""
+    passages = dict(_PASSAGE.findall(messages[-1]["content"]))
+    body = passages["2"].split("\n", 1)[-1]
+    return " ".join(body.split()[:12]) + " [1]"
+
+
+@pytest.mark.parametrize("ground", [True, False])
+def test_gateway_points_citations_at_the_quoted_passage(tiny_bundle, ground):
+    app = make_app(["assistant-ft"], api_key=UPSTREAM_KEY, answer=quote_second_cite_first)
+    with ThreadedServer(app) as upstream:
+        service = RagService.from_settings(_settings(tiny_bundle, upstream.url, ground_citations=ground))
+        with TestClient(create_app(service.settings, service)) as http:
+            client = openai.OpenAI(base_url="http://testserver/v1", api_key=GATEWAY_KEY, http_client=http,
+                                   max_retries=0)
+            resp = client.chat.completions.create(model="assistant", extra_body={"passages": 3},
+                                                  messages=[{"role": "user", "content": QUESTION}])
+            stream = client.chat.completions.create(model="assistant", stream=True, extra_body={"passages": 3},
+                                                    messages=[{"role": "user", "content": QUESTION}])
+            chunks = list(stream)
+    text = resp.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert text.endswith(" [2]" if ground else " [1]")
+    assert [s["cited"] for s in resp.sources] == ([False, True, False] if ground else [True, False, False])
