@@ -163,7 +163,7 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     from serving.retrieval import parse_fusion
 
     rcfg = cfg.retrieval
-    retriever = _load_unfinished(cfg, writer)
+    retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")  # the unfinished bundle's own
     metrics: dict[str, dict] = {}
     if held:
         auto = rcfg.mode == "auto"
@@ -196,28 +196,6 @@ def choose_retrieval_mode(metrics: dict[str, dict], requested: str) -> str:
     if not all(m in metrics for m in ("hybrid", "dense", "bm25")):
         return "hybrid"
     return max(("hybrid", "dense", "bm25"), key=lambda m: (metrics[m]["mrr@10"], m == "hybrid"))
-
-
-def _load_unfinished(cfg: BuildConfig, writer: BundleWriter):
-    from sentence_transformers import SentenceTransformer
-
-    from serving.retrieval import (
-        BM25_DIR,
-        FAISS_FILE,
-        BM25Index,
-        DenseIndex,
-        Retriever,
-        load_chunks,
-        st_encoder,
-    )
-
-    idx = writer.path("index")
-    chunks = load_chunks(idx)
-    model = SentenceTransformer(str(writer.path("embedder")), device="cpu")
-    return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
-                     BM25Index.load(idx / BM25_DIR, len(chunks)), mode="hybrid",
-                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k,
-                     fusion=cfg.retrieval.fusion_spec())
 
 
 def clean_stale_tmp(out_dir: Path, max_age_s: float = 24 * 3600) -> None:

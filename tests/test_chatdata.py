@@ -106,15 +106,22 @@ def test_a_training_questions_own_qa_chunk_never_enters_its_context():
     assert rows[0]["gold_chunk_ids"] == [chunks[4]["chunk_id"]]
 
 
-def test_contexts_are_shortened_to_fit_max_tokens_without_touching_the_gold_passage():
+def _long_corpus() -> list[dict]:
+    """The corpus with every chunk padded to ~170 words, so contexts must be cut to fit."""
     chunks = _corpus()
     for c in chunks:
         c["text"] = c["text"] + " " + " ".join(f"filler{k}" for k in range(150))
+    return chunks
+
+
+def count(messages: list[dict]) -> int:
+    """A stand-in token counter: words."""
+    return sum(len(m["content"].split()) for m in messages)
+
+
+def test_contexts_are_shortened_to_fit_max_tokens_without_touching_the_gold_passage():
+    chunks = _long_corpus()
     questions = _questions(chunks, 20)
-
-    def count(messages):
-        return sum(len(m["content"].split()) for m in messages)
-
     rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.0, seed=0, count=count, max_tokens=330)
     assert rows
@@ -130,7 +137,7 @@ def test_an_example_that_cannot_fit_is_dropped_not_emptied():
     questions = _questions(chunks, 5)
     rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.0, seed=0,
-                                       count=lambda m: sum(len(x["content"].split()) for x in m), max_tokens=30)
+                                       count=count, max_tokens=30)
     assert rows == []
 
 
@@ -191,14 +198,8 @@ def test_shuffled_contexts_move_the_gold_passage_and_the_citation_follows_it():
 
 
 def test_citation_is_numbered_after_distractors_are_dropped_to_fit():
-    chunks = _corpus()
-    for c in chunks:
-        c["text"] = c["text"] + " " + " ".join(f"filler{k}" for k in range(150))
+    chunks = _long_corpus()
     questions = _questions(chunks, 30)
-
-    def count(messages):
-        return sum(len(m["content"].split()) for m in messages)
-
     rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
                                        p_gold_absent=0.0, seed=2, count=count, max_tokens=310, shuffle=1.0)
     assert rows and any(len(r["context_chunk_ids"]) < 4 for r in rows)
