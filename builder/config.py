@@ -82,6 +82,10 @@ class RetrievalConfig:
                      "picks one on the held-out split and records it in the manifest's retrieval.fusion.")
     zscore_weight_choices: list = _f([0.4, 0.5, 0.6], "Under mode 'auto', the dense weights of z-score fusion "
                                      "tried on the held-out split beside the RRF k values.")
+    sentence_windows: int = _f(2, "Besides one vector per chunk, index one per run of this many consecutive "
+                               "sentences of it (0: none); a chunk scores its best vector, so a question written "
+                               "from one sentence finds it inside a chunk about more.")
+    window_stride: int = _f(1, "Sentences between the starts of consecutive windows.")
     bm25_stemmer: str = _f("english", "Snowball stemmer for BM25 tokens (PyStemmer language name; empty: none).")
     bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1.")
     bm25_b: float = _f(0.75, "BM25 length normalization b.")

@@ -151,7 +151,9 @@ def rouge_l(prediction: str, gold: str) -> float:
 
 def retrieval_report(bundle, questions: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Metrics for every retriever a bundle can serve, on the same questions and chunks: BM25, the base
-    embedder (dense), the bundle's embedder (dense; "finetuned") and the mode the bundle serves."""
+    embedder (dense, one vector per chunk), the bundle's embedder (dense over the bundle's index, sentence
+    windows included where it has them; "finetuned", and "finetuned_chunk_vectors" without the windows) and
+    the mode the bundle serves."""
     from serving.retrieval import Retriever
 
     retriever = Retriever.load(bundle.path)
@@ -161,6 +163,12 @@ def retrieval_report(bundle, questions: Sequence[dict]) -> dict[str, dict[str, f
     base = base_retriever(bundle, retriever)
     out["base"] = dict(finetuned) if base is None else evaluate_retriever(base, questions, mode="dense")
     out["finetuned"] = finetuned
+    if retriever.dense is not None and retriever.dense.owner is not None:
+        # The same embedder with one vector per chunk (what "base" is scored with), to tell what the
+        # sentence windows add from what fine-tuning does.
+        chunk_only = Retriever(retriever.chunks, retriever.encoder, retriever.dense.chunk_vectors(), None,
+                               mode="dense", candidates=retriever.candidates)
+        out["finetuned_chunk_vectors"] = evaluate_retriever(chunk_only, questions, mode="dense")
     out["served"] = dict(out["bm25"] if served == "bm25" else finetuned if served == "dense"
                          else evaluate_retriever(retriever, questions, mode=served))
     out["served"]["mode"] = served  # type: ignore[assignment]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,23 +17,76 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 64, show_progress
                         show_progress_bar=show_progress)
 
 
-def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "cpu",
-        embeddings: np.ndarray | None = None, bm25_analyzer: dict | None = None) -> dict:
-    """Write index_dir/{chunks.jsonl, dense.faiss, bm25/}; returns counts for the manifest.
+# A sentence ends at . ! or ? followed by space and something that can start one. Coarser than the chunker's
+# splitter (which also breaks at ; and :) on purpose: a window should read as whole sentences.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 
-    ``embeddings`` (one row per chunk, from the embedder in embedder_dir) skips embedding the chunks again."""
+
+def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tuple[list[str], list[int]]:
+    """Texts of every run of ``size`` consecutive sentences of each chunk's body (stepping ``stride``, the
+    last run always included), each after the chunk's header line, and the position of the chunk each
+    comes from. A chunk of ``size`` sentences or fewer gets none: its own vector is that window."""
+    if size < 1 or stride < 1:
+        raise ValueError(f"window size and stride must be at least 1, got {size} and {stride}")
+    texts: list[str] = []
+    owner: list[int] = []
+    for pos, chunk in enumerate(chunks):
+        head, sep, body = chunk["text"].partition("\n")
+        if not sep:
+            head, body = "", head
+        sents = [s.strip() for s in _SENTENCE_END.split(body) if s.strip()]
+        if len(sents) <= size:
+            continue
+        starts = list(range(0, len(sents) - size + 1, stride))
+        if starts[-1] != len(sents) - size:
+            starts.append(len(sents) - size)
+        for start in starts:
+            window = " ".join(sents[start:start + size])
+            texts.append(f"{head}\n{window}" if head else window)
+            owner.append(pos)
+    return texts, owner
+
+
+def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "cpu",
+        embeddings: np.ndarray | None = None, bm25_analyzer: dict | None = None, windows: int = 0,
+        window_stride: int = 1) -> dict:
+    """Write index_dir/{chunks.jsonl, dense.faiss (+ dense_owner.npy with windows), bm25/}; returns counts for
+    the manifest.
+
+    ``embeddings`` (one row per chunk, from the embedder in embedder_dir) skips embedding the chunks again.
+    ``windows`` > 0 adds a vector per window of that many sentences (see ``sentence_windows``)."""
     index_dir.mkdir(parents=True, exist_ok=True)
+    model = None
     if embeddings is not None and len(embeddings) == len(chunks):
         emb = np.asarray(embeddings, dtype=np.float32)
     else:
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(embedder_dir), device=device)
+        model = load_embedder(embedder_dir, device)
         emb = embed_texts(model, [c["text"] for c in chunks])
-    DenseIndex.build(emb).save(index_dir / FAISS_FILE)
+    owner = None
+    n_windows = 0
+    if windows:
+        texts, win_owner = sentence_windows(chunks, windows, window_stride)
+        n_windows = len(texts)
+        if texts:
+            from builder.embedder import encode_texts
+
+            model = model or load_embedder(embedder_dir, device)
+            print(f"    embedding {len(texts)} sentence windows ({windows} sentences, stride {window_stride})",
+                  flush=True)
+            emb = np.concatenate([emb, encode_texts(model, texts, device, progress=True)])
+            owner = np.concatenate([np.arange(len(chunks)), np.asarray(win_owner)])
+    DenseIndex.build(emb, owner).save(index_dir / FAISS_FILE)
     bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)
     bm25.save(index_dir / BM25_DIR)
     with open(index_dir / CHUNKS_FILE, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks)
     return {"chunks": len(chunks), "dim": int(emb.shape[1]), "faiss": "IndexFlatIP (cosine, exact)",
+            "vectors": len(emb), "sentence_windows": {"size": windows, "stride": window_stride,
+                                                           "count": n_windows},
             "bm25": bm25.analyzer}
+
+
+def load_embedder(embedder_dir: Path, device: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedder_dir), device=device)

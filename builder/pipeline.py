@@ -92,7 +92,9 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
 
         with step("index") as s:
             index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device,
-                                   embeddings=chunk_embeddings, bm25_analyzer=cfg.retrieval.bm25_analyzer())
+                                   embeddings=chunk_embeddings, bm25_analyzer=cfg.retrieval.bm25_analyzer(),
+                                   windows=cfg.retrieval.sentence_windows,
+                                   window_stride=cfg.retrieval.window_stride)
         timing["index_s"] = s["seconds"]
 
         with step("evaluate retrieval") as s:

@@ -21,6 +21,7 @@ import numpy as np
 INDEX_DIR = "index"
 CHUNKS_FILE = "chunks.jsonl"
 FAISS_FILE = "dense.faiss"
+OWNER_SUFFIX = "_owner.npy"  # beside the FAISS file: which chunk owns each vector (absent: one per chunk)
 BM25_DIR = "bm25"
 
 _WORD = re.compile(r"[a-z0-9]+(?:[.,'][a-z0-9]+)*")
@@ -193,39 +194,93 @@ class BM25Index:
 
 
 class DenseIndex:
-    """Normalized embeddings in an exact FAISS inner-product index (cosine similarity)."""
+    """Normalized embeddings in an exact FAISS inner-product index (cosine similarity).
 
-    def __init__(self, index):
+    A chunk may own several vectors: its own, then (optionally) one per window of a few consecutive sentences,
+    so that a question written from one sentence finds that sentence's chunk even when the rest of the chunk
+    is about something else. ``owner`` maps every vector to its chunk's position (None: vector i is chunk i) and
+    a chunk scores the best of its vectors ("max-sim"). Searches always return chunk positions."""
+
+    def __init__(self, index, owner: np.ndarray | None = None):
         self.index = index
+        self.owner = None if owner is None else np.asarray(owner, dtype=np.int64)
+        if self.owner is not None and len(self.owner) != index.ntotal:
+            raise ValueError(f"the dense index has {index.ntotal} vectors but its owner map {len(self.owner)}")
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.owner.max()) + 1 if self.owner is not None and len(self.owner) else self.index.ntotal
 
     @classmethod
-    def build(cls, embeddings: np.ndarray) -> DenseIndex:
+    def build(cls, embeddings: np.ndarray, owner: Sequence[int] | np.ndarray | None = None) -> DenseIndex:
         import faiss
 
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         faiss.normalize_L2(emb)
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(emb)
-        return cls(index)
+        return cls(index, None if owner is None else np.asarray(owner, dtype=np.int64))
+
+    def chunk_vectors(self) -> DenseIndex:
+        """This index with one vector per chunk (its own), without the sentence windows."""
+        if self.owner is None:
+            return self
+        return DenseIndex.build(self.index.reconstruct_n(0, self.n_chunks))
+
+    @staticmethod
+    def owner_path(path: Path) -> Path:
+        path = Path(path)
+        return path.with_name(path.stem + OWNER_SUFFIX)
 
     def save(self, path: Path) -> None:
         import faiss
 
         faiss.write_index(self.index, str(path))
+        if self.owner is not None:
+            np.save(self.owner_path(path), self.owner)
+        else:
+            self.owner_path(path).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> DenseIndex:
         import faiss
 
-        return cls(faiss.read_index(str(path)))
+        owner = cls.owner_path(path)
+        return cls(faiss.read_index(str(path)), np.load(owner) if owner.exists() else None)
 
     def search(self, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk positions, scores), each (queries, k), best first; -1 pads where fewer chunks exist."""
         import faiss
 
         q = np.ascontiguousarray(query_emb, dtype=np.float32)
         faiss.normalize_L2(q)
-        scores, ids = self.index.search(q, min(k, self.index.ntotal))
-        return ids, scores
+        if self.owner is None:
+            scores, ids = self.index.search(q, min(k, self.index.ntotal))
+            return ids, scores
+        k = min(k, self.n_chunks)
+        ids_out = np.full((len(q), k), -1, dtype=np.int64)
+        scores_out = np.full((len(q), k), -np.inf, dtype=np.float32)
+        todo = np.arange(len(q))
+        n = min(self.index.ntotal, 4 * k)
+        while len(todo):
+            scores, ids = self.index.search(q[todo], n)
+            short = []
+            for row, qi in enumerate(todo):
+                best: dict[int, float] = {}
+                for i, s in zip(ids[row], scores[row]):
+                    if i >= 0:
+                        c = int(self.owner[i])
+                        if c not in best:  # FAISS returns vectors best first: a chunk's first is its best
+                            best[c] = float(s)
+                if len(best) < k and n < self.index.ntotal:
+                    short.append(qi)
+                    continue
+                top = list(best.items())[:k]
+                ids_out[qi, :len(top)] = [c for c, _ in top]
+                scores_out[qi, :len(top)] = [s for _, s in top]
+            todo = np.asarray(short, dtype=np.int64)
+            n = min(self.index.ntotal, 4 * n)
+        return ids_out, scores_out
 
 
 def load_chunks(index_dir: Path) -> list[dict]:

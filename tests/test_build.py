@@ -38,6 +38,14 @@ def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
     assert (tiny_bundle / "index" / "dense.faiss").is_file()
     chunks = [json.loads(line) for line in (tiny_bundle / "index" / "chunks.jsonl").open()]
     assert chunks and all({"chunk_id", "source", "location", "text"} <= set(c) for c in chunks)
+    # the default index adds two-sentence windows, and serving maps every vector back to its chunk
+    windows = manifest["index"]["sentence_windows"]
+    assert windows["size"] == 2 and windows["count"] > 0
+    assert manifest["index"]["vectors"] == len(chunks) + windows["count"]
+    from serving.retrieval import Retriever
+
+    dense = Retriever.load(tiny_bundle).dense
+    assert dense.index.ntotal == manifest["index"]["vectors"] and dense.n_chunks == len(chunks)
     assert (tiny_bundle / "llm" / "base.json").is_file()
     assert (tiny_bundle / "eval" / "metrics.json").is_file()
     assert (tiny_bundle.parent / "latest").resolve() == tiny_bundle.resolve()

@@ -257,3 +257,65 @@ def test_fusion_specs_are_checked():
         load_config("tiny", overrides=["retrieval.fusion=zscore:2"])
     assert load_config("tiny", overrides=["retrieval.fusion=zscore:0.3"]).retrieval.fusion_spec() == "zscore:0.3"
     assert load_config("tiny").retrieval.fusion_spec() == "rrf:60"
+
+
+# ------------------------------------------------------------------------------------ sentence-window vectors
+
+def test_sentence_windows_cover_each_chunk_body_after_its_header():
+    from builder.index import sentence_windows
+
+    chunks = [{"text": "Title > Part\nOne is here. Two is here. Three is here. Four is here."},
+              {"text": "Short\nOnly one. And two."},
+              {"text": "no header line: Alpha. Beta. Gamma."}]
+    texts, owner = sentence_windows(chunks, size=2, stride=2)
+    assert texts == ["Title > Part\nOne is here. Two is here.", "Title > Part\nThree is here. Four is here.",
+                     "no header line: Alpha. Beta.", "Beta. Gamma."]
+    assert owner == [0, 0, 2, 2]  # two sentences at size 2: the chunk's own vector suffices
+    texts, owner = sentence_windows(chunks[:1], size=3, stride=2)
+    # starts 0 and then the last run (1), so the tail is never left out
+    assert texts == ["Title > Part\nOne is here. Two is here. Three is here.",
+                     "Title > Part\nTwo is here. Three is here. Four is here."]
+    assert owner == [0, 0]
+    with pytest.raises(ValueError):
+        sentence_windows(chunks, size=0)
+
+
+def test_a_chunk_scores_its_best_vector_and_results_stay_chunks(tmp_path):
+    # chunk 0's own vector is k0; its window vector is k4. Chunk 1 is k1 (+ a k1,k2 window). Chunk 2 is k2.
+    vectors = one_hot(["k0", "k1", "k2", "k4", "k1 k2"])
+    owner = [0, 1, 2, 0, 1]
+    index = DenseIndex.build(vectors, owner)
+    assert index.n_chunks == 3
+    ids, scores = index.search(one_hot(["k4"]), 3)
+    assert ids[0][0] == 0 and scores[0][0] == pytest.approx(1.0)  # found through its window
+    ids, scores = index.search(one_hot(["k2"]), 3)
+    assert list(ids[0]) == [2, 1, 0]  # chunk 1 once, at its window's cosine .707, not twice
+    assert scores[0][1] == pytest.approx(2 ** -0.5)
+    ids, _ = index.search(one_hot(["k2"]), 10)
+    assert sorted(ids[0][ids[0] >= 0]) == [0, 1, 2] and (ids[0] == -1).sum() == 0  # k capped at 3 chunks
+    path = tmp_path / "dense.faiss"
+    index.save(path)
+    again = DenseIndex.load(path)
+    assert list(again.owner) == owner and list(again.search(one_hot(["k4"]), 1)[0][0]) == [0]
+    DenseIndex.build(one_hot(["k0", "k1"])).save(path)  # a one-vector-per-chunk index leaves no stale map
+    assert DenseIndex.load(path).owner is None
+    with pytest.raises(ValueError):
+        DenseIndex(index.index, np.array([0, 1]))
+
+
+def test_report_scores_the_chunk_vectors_apart_when_the_index_has_windows(two_embedder_bundle):
+    from builder import index
+    from serving.retrieval import load_chunks
+
+    root = two_embedder_bundle
+    chunks = [dict(c, text=c["text"] + ". Notes were taken. More notes here.") for c in load_chunks(root / "index")]
+    info = index.run(chunks, root / "embedder", root / "index", windows=1)
+    assert info["sentence_windows"]["count"] == 3 * len(chunks) and info["vectors"] == 4 * len(chunks)
+    served = Retriever.load(root)
+    assert served.dense.n_chunks == len(chunks) and served.dense.index.ntotal == 4 * len(chunks)
+    report = retrieval_report(Bundle.load(root), QUESTIONS)
+    assert list(report) == ["bm25", "base", "finetuned", "finetuned_chunk_vectors", "served"]
+    assert report["finetuned"] == evaluate_retriever(served, QUESTIONS, mode="dense")
+    own = served.encoder([c["text"] for c in chunks])
+    chunk_only = Retriever(served.chunks, served.encoder, DenseIndex.build(own), None, mode="dense")
+    assert report["finetuned_chunk_vectors"] == evaluate_retriever(chunk_only, QUESTIONS, mode="dense")
