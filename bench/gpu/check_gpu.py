@@ -39,6 +39,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_steps(step, opt, device: str, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run ``warmup + steps`` optimizer steps of ``step()`` (which returns the loss); the seconds and losses of
+    the timed ones (the device synchronized around each)."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = step()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            losses.append(float(loss))
+    return times, losses
+
+
 def load_llm(name: str, dtype, device: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -85,19 +103,11 @@ def check_lora(args, device: str) -> dict:
     keep = args.answer_tokens + 1
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        _sync(device)
-        start = time.perf_counter()
+    def step():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=keep)
-        loss = masked_lm_loss(out, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-            losses.append(float(loss))
+        return masked_lm_loss(out, labels)
+
+    times, losses = timed_steps(step, opt, device, args.warmup, args.steps)
     step_s = sum(times) / len(times)
     return {"model": args.llm, "params_m": round(n_params / 1e6, 1), "lora_params_m": round(trainable / 1e6, 2),
             "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seq_len": args.seq_len,
@@ -148,22 +158,16 @@ def check_embedder(args, device: str) -> dict:
     queries = [f"how much fertilizer does crop {i} need in season {i % 4}?" for i in range(args.emb_batch)]
     passages = [f"Crop {i} needs {i % 50 + 10} kg of fertilizer per acre in season {i % 4}, applied at planting "
                 f"and again at knee height, according to the field handbook section {i}." for i in range(args.emb_batch)]
-    times = []
     use_amp = device.startswith("cuda")
-    for step in range(args.warmup + args.emb_steps):
-        _sync(device)
-        start = time.perf_counter()
-        prep = getattr(model, "preprocess", None) or model.tokenize
+    prep = getattr(model, "preprocess", None) or model.tokenize
+
+    def step():
         features = [{k: v.to(device) if hasattr(v, "to") else v for k, v in prep(texts).items()}
                     for texts in (queries, passages)]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(features, None)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            return loss_fn(features, None)
+
+    times, _ = timed_steps(step, opt, device, args.warmup, args.emb_steps)
     step_s = sum(times) / len(times)
     with torch.no_grad():
         _sync(device)
