@@ -103,6 +103,7 @@ def check_lora(args, device: str) -> dict:
     keep = args.answer_tokens + 1
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+
     def step():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=keep)
         return masked_lm_loss(out, labels)
