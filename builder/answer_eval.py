@@ -219,13 +219,23 @@ def _vllm_child(job_path: str) -> int:
     llm = LLM(**kw)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"])
     out = {}
-    for name, convs in job["batches"].items():
+    # One call per group (with and without the adapter) rather than one per batch: the engine keeps every
+    # prompt of the group in flight together, where batch after batch would drain to a few long answers at
+    # the end of each. A batch's seconds are its group's, shared out by generated tokens.
+    groups: dict[bool, list[str]] = {}
+    for name in job["batches"]:
+        groups.setdefault(name in job["lora_batches"], []).append(name)
+    for with_lora, names in groups.items():
+        convs = [c for n in names for c in job["batches"][n]]
         start = time.perf_counter()
-        use = lora if name in job["lora_batches"] else None
-        results = llm.chat(convs, params, use_tqdm=False, lora_request=use) if convs else []
+        results = llm.chat(convs, params, use_tqdm=False, lora_request=lora if with_lora else None) if convs else []
         seconds = time.perf_counter() - start
-        out[name] = {"texts": [r.outputs[0].text.strip() for r in results],
-                     "tokens": sum(len(r.outputs[0].token_ids) for r in results), "seconds": round(seconds, 2)}
+        total = sum(len(r.outputs[0].token_ids) for r in results) or 1
+        for n in names:
+            mine, results = results[:len(job["batches"][n])], results[len(job["batches"][n]):]
+            tokens = sum(len(r.outputs[0].token_ids) for r in mine)
+            out[n] = {"texts": [r.outputs[0].text.strip() for r in mine], "tokens": tokens,
+                      "seconds": round(seconds * tokens / total, 2)}
     tmp = Path(job_path).with_name("out.json.tmp")
     tmp.write_text(json.dumps(out))
     os.replace(tmp, Path(job_path).with_name("out.json"))

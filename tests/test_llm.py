@@ -208,11 +208,14 @@ def test_adapter_loads_into_vllm_and_changes_the_output(tiny_llm, trained):
     from builder.answer_eval import generate_vllm
 
     convs = [r["messages"][:-1] for r in _examples(4)]
-    out = generate_vllm(str(tiny_llm["base"]), {"base": convs, "tuned": convs}, 12, 1024,
-                        adapter=str(trained / FINAL), lora_batches=["tuned"], serve_cfg=load_config("tiny").serve,
-                        timeout=600)
+    # Batches of one group run as one call and are split back in order: "few" is the first two of "base".
+    out = generate_vllm(str(tiny_llm["base"]), {"base": convs, "few": convs[:2], "none": [], "tuned": convs}, 12,
+                        1024, adapter=str(trained / FINAL), lora_batches=["tuned"],
+                        serve_cfg=load_config("tiny").serve, timeout=600)
     assert len(out["base"]["texts"]) == len(out["tuned"]["texts"]) == 4
     assert out["base"]["texts"] != out["tuned"]["texts"]
+    assert len(out["few"]["texts"]) == 2 and out["none"]["texts"] == [] and out["none"]["tokens"] == 0
+    assert out["few"]["tokens"] > 0 and out["few"]["seconds"] <= out["base"]["seconds"] + 0.01
 
 
 # ----------------------------------------------------------------------------------------------- the stage
