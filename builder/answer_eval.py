@@ -188,9 +188,15 @@ def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_toke
                "cuda": torch.cuda.is_available(), "enforce_eager": eager}
         (work / "job.json").write_text(json.dumps(job))
         log = work / "vllm.log"
+        env = vllm_env(serve_cfg)
+        if not torch.cuda.is_available():
+            # The engine core in this (already separate) child instead of a process of its own: on 2 cores an
+            # engine started in 41 s instead of 16 s, and the knowledge/ gate took 154 s instead of 116 s, with
+            # the same scores (BENCHMARKS.md, 2026-11-27).
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         with open(log, "w") as fh:
             proc = subprocess.run([sys.executable, "-m", "builder.answer_eval", "--generate", str(work / "job.json")],
-                                  check=False, env=vllm_env(serve_cfg), stdout=fh, stderr=subprocess.STDOUT,
+                                  check=False, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                   timeout=timeout,
                                   cwd=str(Path(__file__).resolve().parent.parent))
         if proc.returncode != 0 or not (work / "out.json").is_file():
