@@ -149,14 +149,17 @@ def score(answers: Sequence[str], questions: Sequence[dict], contexts: Sequence[
 
 # ----------------------------------------------------------------------------------------------- generation
 
-def vllm_env(serve_cfg) -> dict[str, str]:
-    """Environment for vLLM's CPU backend: KV cache size and every core we may use bound to its workers."""
+def vllm_env(serve_cfg, cuda: bool = False) -> dict[str, str]:
+    """Environment for the offline engine's child: on the CPU backend, KV cache size, every core we may use
+    bound to its workers, and the engine core inside the child instead of a process of its own (on 2 cores an
+    engine started in 16 s instead of 41 s, and the knowledge/ gate took 116 s instead of 154 s with the same
+    scores: BENCHMARKS.md, 2026-11-27)."""
+    from serving.vllm_server import cpu_env  # the server's own CPU settings, so both run vLLM alike
+
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(getattr(serve_cfg, "cpu_kvcache_gib", 2)))
-    cores = sorted(os.sched_getaffinity(0))
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if cores == list(
-        range(cores[0], cores[-1] + 1)) else ",".join(map(str, cores)))
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.update(cpu_env({"cpu_kvcache_gib": getattr(serve_cfg, "cpu_kvcache_gib", 2)}))
+    if not cuda:
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
@@ -188,12 +191,7 @@ def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_toke
                "cuda": torch.cuda.is_available(), "enforce_eager": eager}
         (work / "job.json").write_text(json.dumps(job))
         log = work / "vllm.log"
-        env = vllm_env(serve_cfg)
-        if not torch.cuda.is_available():
-            # The engine core in this (already separate) child instead of a process of its own: on 2 cores an
-            # engine started in 41 s instead of 16 s, and the knowledge/ gate took 154 s instead of 116 s, with
-            # the same scores (BENCHMARKS.md, 2026-11-27).
-            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env = vllm_env(serve_cfg, cuda=torch.cuda.is_available())
         with open(log, "w") as fh:
             proc = subprocess.run([sys.executable, "-m", "builder.answer_eval", "--generate", str(work / "job.json")],
                                   check=False, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -236,11 +234,13 @@ def _vllm_child(job_path: str) -> int:
         start = time.perf_counter()
         results = llm.chat(convs, params, use_tqdm=False, lora_request=lora if with_lora else None) if convs else []
         seconds = time.perf_counter() - start
-        total = sum(len(r.outputs[0].token_ids) for r in results) or 1
+        counts = [len(r.outputs[0].token_ids) for r in results]
+        total, at = sum(counts) or 1, 0
         for n in names:
-            mine, results = results[:len(job["batches"][n])], results[len(job["batches"][n]):]
-            tokens = sum(len(r.outputs[0].token_ids) for r in mine)
-            out[n] = {"texts": [r.outputs[0].text.strip() for r in mine], "tokens": tokens,
+            mine = slice(at, at + len(job["batches"][n]))
+            at = mine.stop
+            tokens = sum(counts[mine])
+            out[n] = {"texts": [r.outputs[0].text.strip() for r in results[mine]], "tokens": tokens,
                       "seconds": round(seconds * tokens / total, 2)}
     tmp = Path(job_path).with_name("out.json.tmp")
     tmp.write_text(json.dumps(out))
