@@ -86,26 +86,27 @@ async def throughput(base_url: str, model: str, payloads: list[dict], concurrenc
 
     client = AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=1800)
     sem = asyncio.Semaphore(concurrency)
-    tokens = 0
+    tokens = prompt_tokens = 0
 
     async def one(p: dict):
-        nonlocal tokens
+        nonlocal tokens, prompt_tokens
         async with sem:
             r = await client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0,
                                                      extra_body={"min_tokens": max_tokens, "ignore_eos": True,
                                                                  **p.get("extra", {})},
                                                      messages=p["messages"])
             tokens += r.usage.completion_tokens
+            prompt_tokens += r.usage.prompt_tokens or 0
 
     await one({"messages": WARM_UP})  # warm-up, not counted
-    tokens = 0
+    tokens = prompt_tokens = 0
     await asyncio.to_thread(reset_prefix_cache, vllm_v1)
     start = time.perf_counter()
     await asyncio.gather(*(one(p) for p in payloads))
     wall = time.perf_counter() - start
     await client.close()
     return {"tokens_per_s": round(tokens / wall, 1), "tokens": tokens, "requests": len(payloads),
-            "wall_s": round(wall, 2)}
+            "wall_s": round(wall, 2), "prompt_tokens_mean": round(prompt_tokens / max(len(payloads), 1), 1)}
 
 
 async def first_token_ms(base_url: str, model: str, messages: list[dict], max_tokens: int) -> float:
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-port", type=int, default=18601)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--passages", default="",
+                   help="also time the gateway at the highest concurrency with these passage counts per answer "
+                        "(comma-separated, e.g. 1,2,3): the throughput a smaller context buys")
     p.add_argument("--lora-comparison", action="store_true",
                    help="also time vLLM serving a random rank-r adapter vs the same adapter merged (c=16)")
     args = p.parse_args(argv)
@@ -311,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
               f" gateway adds {results['gateway_added_latency_ms_p50']} ms; retrieval p50 "
               f"{results['retrieval_ms_p50']} ms", flush=True)
         top = max(levels)
+        for n_passages in [int(x) for x in args.passages.split(",") if x.strip()]:
+            payloads = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}],
+                         "extra": {"passages": n_passages}} for i in range(n_requests[top])]
+            r = asyncio.run(throughput(gateway, model, payloads, top, args.max_tokens, vllm))
+            results.setdefault("gateway_by_passages", {})[str(n_passages)] = r
+            print(f"  gateway, {n_passages} passages c={top:>2}: {r['tokens_per_s']:7.1f} tok/s "
+                  f"({r['prompt_tokens_mean']:.0f} prompt tokens)", flush=True)
         bare = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}]}
                 for i in range(n_requests[top])]
         results["question_only"] = {"vllm": {str(top): asyncio.run(throughput(vllm, model, bare, top,
@@ -348,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
            "retrieval_ms_p50_in_process": results.get("retrieval_ms_p50_in_process"),
            "gateway_added_latency_ms_p50": results.get("gateway_added_latency_ms_p50"),
            "latency_16_tokens_ms_p50": results.get("latency_16_tokens_ms_p50"),
+           "gateway_by_passages": {n: {"tokens_per_s": v["tokens_per_s"], "prompt_tokens_mean": v["prompt_tokens_mean"]}
+                                   for n, v in results.get("gateway_by_passages", {}).items()},
            "question_only": {k: {lvl: v["tokens_per_s"] for lvl, v in r.items()}
                              for k, r in results.get("question_only", {}).items()},
            **({"lora_vs_merged_tokens_per_s": {k: v["tokens_per_s"] for k, v in results["lora_vs_merged"].items()}}
