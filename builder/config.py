@@ -72,9 +72,8 @@ class EmbedderConfig:
 class RetrievalConfig:
     mode: str = _f("auto", "How the served retriever ranks: 'dense', 'bm25', 'hybrid' (the two fused, see fusion), "
                    "or 'auto' (the best of the three on the held-out split).")
-    top_k: int = _f(3, "Passages given to the LLM per question; the default matches llm.context_chunks, the count "
-                    "the LoRA adapter was trained on (3 against 4: better answers on knowledge/, equal on COVID-QA, "
-                    "a third more tokens/s served on the CPU; BENCHMARKS.md).")
+    top_k: int = _f(3, "Passages given to the LLM per question. 3 against 4, same cpu bundles (adapter trained on 4): "
+                    "better answers on knowledge/, equal on COVID-QA, a third more tokens/s served (BENCHMARKS.md).")
     candidates: int = _f(50, "Candidates each retriever returns before fusion.")
     rrf_k: int = _f(60, "The k of reciprocal rank fusion: score = sum 1 / (k + rank).")
     rrf_k_choices: list = _f([10, 30, 60], "Under mode 'auto', the fusion k values tried on the held-out split "
