@@ -64,6 +64,12 @@ def questions_for(bundle: Bundle, n: int) -> list[str]:
     return [qs[i % len(qs)] for i in range(n)]
 
 
+def question_payloads(questions: list[str], n: int, extra: dict | None = None) -> list[dict]:
+    """n requests that ask the bare questions in turn (what a client sends the gateway, or vLLM without RAG)."""
+    return [{"messages": [{"role": "user", "content": questions[i % len(questions)]}], **({"extra": extra} if extra else {})}
+            for i in range(n)]
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -282,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         for level in levels:
             n = n_requests[level]
             vllm_payloads = [{"messages": prompts[i % len(prompts)]} for i in range(n)]
-            gw_payloads = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}]}
-                           for i in range(n)]
+            gw_payloads = question_payloads(questions, n)
             results["vllm"][str(level)] = asyncio.run(throughput(vllm, model, vllm_payloads, level, args.max_tokens,
                                                                  vllm))
             print(f"  vllm        c={level:>2}: {results['vllm'][str(level)]['tokens_per_s']:7.1f} tok/s", flush=True)
@@ -316,14 +321,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{results['retrieval_ms_p50']} ms", flush=True)
         top = max(levels)
         for n_passages in [int(x) for x in args.passages.split(",") if x.strip()]:
-            payloads = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}],
-                         "extra": {"passages": n_passages}} for i in range(n_requests[top])]
+            payloads = question_payloads(questions, n_requests[top], {"passages": n_passages})
             r = asyncio.run(throughput(gateway, model, payloads, top, args.max_tokens, vllm))
             results.setdefault("gateway_by_passages", {})[str(n_passages)] = r
             print(f"  gateway, {n_passages} passages c={top:>2}: {r['tokens_per_s']:7.1f} tok/s "
                   f"({r['prompt_tokens_mean']:.0f} prompt tokens)", flush=True)
-        bare = [{"messages": [{"role": "user", "content": questions[i % len(questions)]}]}
-                for i in range(n_requests[top])]
+        bare = question_payloads(questions, n_requests[top])
         results["question_only"] = {"vllm": {str(top): asyncio.run(throughput(vllm, model, bare, top,
                                                                               args.max_tokens, vllm))}}
         print(f"  vllm, bare questions c={top:>2}: "
