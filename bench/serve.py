@@ -149,8 +149,9 @@ def hf_batched(bundle: Bundle, weights: str, prompts: list[list[dict]], levels: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = bundle.merged_path() if weights == "merged" else bundle.base_model_path()
-    tok = AutoTokenizer.from_pretrained(path if weights == "merged" else (bundle.adapter_path() or path))
+    merged = weights.startswith("merged")  # the naive baseline runs the float merged weights, int8 or not in vLLM
+    path = bundle.merged_path() if merged else bundle.base_model_path()
+    tok = AutoTokenizer.from_pretrained(path if merged else (bundle.adapter_path() or path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if weights == "adapter":
         from peft import PeftModel
@@ -184,7 +185,7 @@ def lora_bundle_copy(bundle: Bundle, workdir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dst = workdir / bundle.path.name
-    shutil.copytree(bundle.path, dst, ignore=shutil.ignore_patterns("data"))
+    shutil.copytree(bundle.path, dst, ignore=shutil.ignore_patterns("data", "merged-w8a8"))
     llm_cfg = bundle.manifest.get("config", {}).get("llm", {})
     base = bundle.base_model_path()
     torch.manual_seed(0)
@@ -198,7 +199,8 @@ def lora_bundle_copy(bundle: Bundle, workdir: Path) -> Path:
     merged.save_pretrained(dst / "llm" / "merged")
     AutoTokenizer.from_pretrained(base).save_pretrained(dst / "llm" / "merged")
     manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["models"]["llm"].update({"adapter": "llm/adapter", "merged": "llm/merged"})
+    # adapter vs the same adapter merged, both in bf16: the int8 copy of the bundle's own weights stays out
+    manifest["models"]["llm"].update({"adapter": "llm/adapter", "merged": "llm/merged", "merged_w8a8": None})
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dst
 
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-port", type=int, default=18601)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--vllm-arg", metavar="ARG", action="append", default=[], dest="vllm_args",
+                   help="extra vLLM argument for `assistant serve`, repeatable: --vllm-arg=--block-size --vllm-arg=32")
     p.add_argument("--passages", default="",
                    help="also time the gateway at the highest concurrency with these passage counts per answer "
                         "(comma-separated, e.g. 1,2,3): the throughput a smaller context buys")
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     retrieval_ms, prompts = [], []
     for q in questions:
         start = time.perf_counter()
-        hits = retriever.search(q, k=bundle.top_k)
+        hits = retriever.search(q, k=bundle.top_k, trim=True)
         retrieval_ms.append((time.perf_counter() - start) * 1000)
         prompts.append(build_messages(q, [h.to_dict() for h in hits]))
     del retriever
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "builder.cli", "serve", str(bundle.path), "--port", str(args.port),
            "--vllm-port", str(args.vllm_port), "--api-key", KEY, "--vllm-log", str(log_dir / "bench-vllm.log")]
+    cmd += [f"--vllm-arg={a}" for a in args.vllm_args]
     with open(log_dir / "bench-serve.log", "wb") as serve_log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=serve_log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})

@@ -76,7 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("question", help="the question")
     a.add_argument("--bundle", default="bundles", help="a bundle folder or a bundles folder (its latest)")
     a.add_argument("--json", action="store_true", help="print {answer, sources[]} as JSON")
-    a.add_argument("--top-k", type=int, default=None, help="passages to retrieve (default: the bundle's)")
+    a.add_argument("--top-k", type=int, default=None, help="passages to give the model, exactly (default: the bundle's retrieval.top_k, "
+                   "less those scoring far behind the best: retrieval.passage_gap)")
     a.add_argument("--base", action="store_true", help="answer with the base model, ignoring the adapter")
 
     e = sub.add_parser("eval", help="evaluate a bundle's retrieval (and answers) on a question file")

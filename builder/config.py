@@ -74,6 +74,9 @@ class RetrievalConfig:
                    "or 'auto' (the best of the three on the held-out split).")
     top_k: int = _f(3, "Passages given to the LLM per question. 3 against 4, same cpu bundles (adapter trained on 4): "
                     "better answers on knowledge/, equal on COVID-QA, a third more tokens/s served (BENCHMARKS.md).")
+    passage_gap: float = _f(0.0, "Under z-score fusion, a passage after the first reaches the LLM only if its "
+                            "fused score is within this many units of the best one (0: always top_k). Shorter "
+                            "prompts where the runners-up are far behind; a request's `passages` overrides it.")
     candidates: int = _f(50, "Candidates each retriever returns before fusion.")
     rrf_k: int = _f(60, "The k of reciprocal rank fusion: score = sum 1 / (k + rank).")
     rrf_k_choices: list = _f([10, 30, 60], "Under mode 'auto', the fusion k values tried on the held-out split "
@@ -142,6 +145,13 @@ class ServeConfig:
     max_model_len: int = _f(2048, "vLLM maximum sequence length.")
     gpu_memory_utilization: float = _f(0.85, "vLLM share of GPU memory (GPU only).")
     cpu_kvcache_gib: int = _f(2, "VLLM_CPU_KVCACHE_SPACE on CPU, in GiB.")
+    quantize: str = _f("auto", "Weights vLLM serves merged on the CPU: 'w8a8' (int8 weights, one scale per output "
+                       "channel, and int8 activations quantized per token at run time: oneDNN int8 kernels), "
+                       "'none' (bf16), or 'auto' (w8a8 whenever the build writes merged weights for a CPU). "
+                       "The build evaluates the weights it will serve.")
+    cpu_block_size: int = _f(32, "vLLM's KV-cache block size on the CPU (vLLM's own default there is 128). Prefix "
+                             "caching reuses whole blocks only, so with 32 the system prompt every request starts "
+                             "with is computed once instead of per request.")
 
 
 @dataclass
@@ -280,6 +290,10 @@ def _check(cfg: BuildConfig) -> None:
             raise ConfigError(f"retrieval.fusion: {exc}") from None
     if str(cfg.eval.vllm_eager).lower() not in ("yes", "no", "auto"):
         raise ConfigError(f"eval.vllm_eager: expected yes, no or auto, got {cfg.eval.vllm_eager!r}")
+    if str(cfg.serve.quantize).lower() not in ("w8a8", "none", "auto"):
+        raise ConfigError(f"serve.quantize: expected w8a8, none or auto, got {cfg.serve.quantize!r}")
+    if cfg.serve.cpu_block_size < 1 or cfg.retrieval.passage_gap < 0:
+        raise ConfigError("serve.cpu_block_size must be positive and retrieval.passage_gap not negative")
     if cfg.llm.steps_per_question < 0 or cfg.llm.steps_cap < 0:
         raise ConfigError("llm.steps_per_question and llm.steps_cap must not be negative")
     for w in cfg.retrieval.zscore_weight_choices:

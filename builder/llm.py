@@ -96,6 +96,12 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
 
         with step("merging the adapter into full weights (llm/merged)"):
             merged_dir = merge_adapter(base, str(adapter_dir), bundle_dir / "llm" / "merged")
+    int8_dir = None
+    if merged_dir and wants_w8a8(cfg):
+        from builder.quantize import quantize_checkpoint
+
+        with step("int8 weights for serving on the CPU (llm/merged-w8a8)"):
+            int8_dir = quantize_checkpoint(merged_dir, bundle_dir / "llm" / "merged-w8a8")
 
     report: dict = {}
     if gate_questions:
@@ -103,14 +109,16 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
         systems = SYSTEMS if gate_from == "held-out split" else ("base", "finetuned")
         with step(f"answer evaluation on {len(picked)} questions ({gate_from})"):
             report = evaluate_answers(retriever, picked, cfg.retrieval.top_k, base, cfg, adapter=str(adapter_dir),
-                                      merged=str(merged_dir) if merged_dir else None, systems=systems, log=say)
+                                      merged=str(merged_dir) if merged_dir else None,
+                                      merged_w8a8=str(int8_dir) if int8_dir else None, systems=systems, log=say)
     ship, decision = gate(report, cfg.llm.min_gain, gate_from, len(gate_questions))
     say(f"    {decision}")
     if not ship:
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        if merged_dir:
-            shutil.rmtree(merged_dir, ignore_errors=True)
-            merged_dir = None
+        for d in (merged_dir, int8_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        merged_dir = int8_dir = None
     if report and gate_from == "held-out split":
         # `assistant eval` on the same questions reads this instead of generating again.
         cached = {k: v for k, v in report.items() if k != "finetuned" or ship}
@@ -122,6 +130,7 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
         metrics["questions_from"] = gate_from  # type: ignore[assignment]
     return {"adapter": "llm/adapter" if ship else None,
             "merged": "llm/merged" if ship and merged_dir else None,
+            "merged_w8a8": "llm/merged-w8a8" if ship and int8_dir else None,
             "decision": decision, "metrics": metrics, "training": training, "data": data_info,
             "examples": report.get("examples", [])[:3]}
 
@@ -163,6 +172,14 @@ def wants_merged(cfg: BuildConfig) -> bool:
     return bool(cfg.llm.merge) or choice in ("yes", "true", "1") or (choice == "auto" and not cuda_available())
 
 
+def wants_w8a8(cfg: BuildConfig) -> bool:
+    """Write int8 merged weights? 'auto': when the merged weights are for a CPU (no CUDA here)."""
+    from builder.device import cuda_available
+
+    choice = str(cfg.serve.quantize).lower()
+    return choice == "w8a8" or (choice == "auto" and not cuda_available())
+
+
 def training_steps(llm, supervised_questions: int) -> int:
     """LoRA steps: ``max_steps``, raised to ``steps_per_question`` per supervised question, at most ``steps_cap``
     (which never cuts below ``max_steps``)."""
@@ -195,7 +212,7 @@ def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None):
     return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
                      BM25Index.load(idx / BM25_DIR, len(chunks)), mode=mode,
                      candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k,
-                     fusion=cfg.retrieval.fusion_spec())
+                     fusion=cfg.retrieval.fusion_spec(), passage_gap=cfg.retrieval.passage_gap)
 
 
 def checkpoint_dir(out_dir: Path, cfg: BuildConfig, base: str, data: Path) -> Path:

@@ -61,9 +61,16 @@ class Bundle:
         rel = self.llm_info.get("merged")
         return str(self.path / rel) if rel and (self.path / rel).exists() else None
 
+    def merged_w8a8_path(self) -> str | None:
+        """The merged weights as int8 (W8A8, compressed-tensors), written for serving on a CPU."""
+        rel = self.llm_info.get("merged_w8a8")
+        return str(self.path / rel) if rel and (self.path / rel).exists() else None
+
     @property
     def top_k(self) -> int:
-        return int(self.manifest.get("retrieval", {}).get("top_k", 4))
+        from builder.config import RetrievalConfig
+
+        return int(self.manifest.get("retrieval", {}).get("top_k", RetrievalConfig.top_k))
 
     @property
     def max_new_tokens(self) -> int:

@@ -62,7 +62,7 @@ class LocalAssistant:
         return cls(bundle, retriever, model, tok)
 
     def answer(self, question: str, top_k: int | None = None) -> dict:
-        hits = self.retriever.search(question, k=top_k or self.bundle.top_k)
+        hits = self.retriever.search(question, k=top_k or self.bundle.top_k, trim=not top_k)
         passages = [h.to_dict() for h in hits]
         messages = build_messages(question, passages)
         text = generate(self.model, self.tok, [messages], max_new_tokens=self.bundle.max_new_tokens)[0]

@@ -51,7 +51,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    # Extensions: passages to retrieve (default: the bundle's top_k), and vLLM sampling extras passed through.
+    # Extensions: passages to retrieve, exactly (default: the bundle's top_k less those trailing by more than its passage_gap), and vLLM sampling extras passed through.
     passages: int | None = Field(default=None, ge=1, le=20)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None

@@ -388,11 +388,11 @@ class RagService:
                        ) -> tuple[list[RetrievalResult], float]:
         """(passages, milliseconds spent embedding, searching and fusing)."""
         assistant = self.get(model)
-        k = k or assistant.bundle.top_k
 
         def run():
             start = time.perf_counter()
-            hits = assistant.retriever.search(query, k=k)
+            # A pinned count is served as asked; the bundle's default is top_k less the passages far behind.
+            hits = assistant.retriever.search(query, k=k or assistant.bundle.top_k, trim=not k)
             return hits, (time.perf_counter() - start) * 1000
 
         return await asyncio.get_running_loop().run_in_executor(self._retrieval_pool, run)

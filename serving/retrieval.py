@@ -127,6 +127,15 @@ def zscore_fuse(scored: Sequence[Sequence[tuple[int, float]]], weights: Sequence
     return ranked[:limit] if limit else ranked
 
 
+def within_gap(ranked: Sequence[tuple[int, float]], gap: float) -> list[tuple[int, float]]:
+    """The head of a best-first list whose scores are within `gap` of the first one (the first always stays).
+    gap <= 0 keeps the whole list."""
+    if gap <= 0 or not ranked:
+        return list(ranked)
+    top = ranked[0][1]
+    return [ranked[0]] + [(p, s) for p, s in ranked[1:] if top - s <= gap]
+
+
 def parse_fusion(spec: str) -> tuple[str, float]:
     """'rrf:60' -> ('rrf', 60.0); 'zscore:0.5' -> ('zscore', 0.5) (the dense side's weight, BM25 gets the rest)."""
     name, _, value = str(spec).partition(":")
@@ -306,7 +315,7 @@ class Retriever:
 
     def __init__(self, chunks: list[dict], encoder: Encoder | None, dense: DenseIndex | None,
                  bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, rrf_k: int = 60,
-                 fusion: str | None = None):
+                 fusion: str | None = None, passage_gap: float = 0.0):
         if mode not in self.MODES:
             raise ValueError(f"retrieval mode must be one of {self.MODES}, got {mode!r}")
         if fusion is not None:
@@ -319,6 +328,7 @@ class Retriever:
         self.candidates = candidates
         self.rrf_k = rrf_k
         self.fusion = fusion  # None: RRF with self.rrf_k
+        self.passage_gap = float(passage_gap or 0.0)  # see passages(); 0: always k passages
         self.last_timing_ms: float = 0.0
 
     @classmethod
@@ -336,7 +346,7 @@ class Retriever:
         return cls(chunks, st_encoder(model), DenseIndex.load(index_dir / FAISS_FILE),
                    BM25Index.load(index_dir / BM25_DIR, len(chunks)), mode=mode or rcfg.get("mode", "hybrid"),
                    candidates=rcfg.get("candidates", 50), rrf_k=rcfg.get("rrf_k", 60),
-                   fusion=rcfg.get("fusion"))
+                   fusion=rcfg.get("fusion"), passage_gap=rcfg.get("passage_gap", 0.0))
 
     @property
     def fusion_spec(self) -> str:
@@ -365,9 +375,22 @@ class Retriever:
             return [b[:k] for b in bm]
         return fuse(dense, bm, self.fusion_spec, limit=k)
 
-    def search(self, query: str, k: int = 4, mode: str | None = None) -> list[RetrievalResult]:
+    @property
+    def gap_applies(self) -> bool:
+        """The passage gap needs scores on one scale for every query: z-score fusion's standardized ones."""
+        return self.passage_gap > 0 and self.mode == "hybrid" and self.fusion_spec.startswith("zscore")
+
+    def passages(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
+        """What the LLM is given for each query: the best k, less those whose fused score trails the first by
+        more than passage_gap (z-score fusion only; otherwise all k). A clear winner then travels alone and a
+        close call keeps its runners-up, so prompts are shorter where the extra passages would be noise."""
+        ranked = self.rank(queries, k)
+        return [within_gap(r, self.passage_gap) for r in ranked] if self.gap_applies else ranked
+
+    def search(self, query: str, k: int = 4, mode: str | None = None, trim: bool = False) -> list[RetrievalResult]:
+        """The best k chunks for one query; trim=True gives the LLM's passages instead (see passages())."""
         start = time.perf_counter()
-        ranked = self.rank([query], k, mode)[0]
+        ranked = self.passages([query], k)[0] if trim and mode in (None, self.mode) else self.rank([query], k, mode)[0]
         self.last_timing_ms = (time.perf_counter() - start) * 1000
         results = []
         for rank, (pos, score) in enumerate(ranked, start=1):

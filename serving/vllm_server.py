@@ -75,6 +75,14 @@ def choose_weights(bundle: Bundle, device: str) -> tuple[str, str]:
     return "merged", "auto: the bundle has merged weights only"
 
 
+def int8_weights(bundle: Bundle, device: str) -> str | None:
+    """The int8 copy of the merged weights, where vLLM should serve it: on the CPU (oneDNN int8 kernels) when
+    the bundle has one and serve.quantize is not 'none'."""
+    if device.startswith("cuda") or str(serve_config(bundle).get("quantize", "auto")).lower() == "none":
+        return None
+    return bundle.merged_w8a8_path()
+
+
 def lora_rank(adapter_dir: str) -> int:
     """The --max-lora-rank vLLM needs for an adapter: its largest rank, rounded up to an allowed value."""
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
@@ -113,6 +121,8 @@ def cpu_env(serve_cfg: dict, environ: dict | None = None) -> dict[str, str]:
 def plan_vllm(bundle: Bundle, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               device: str = "cpu", extra_args: list[str] | None = None, python: str | None = None) -> VLLMPlan:
     """The vLLM command line and environment for a bundle on a device ('cuda...' or 'cpu')."""
+    from builder.config import ServeConfig
+
     cfg = serve_config(bundle)
     name = served_model_name(bundle)
     weights, reason = choose_weights(bundle, device)
@@ -122,7 +132,10 @@ def plan_vllm(bundle: Bundle, *, host: str = "127.0.0.1", port: int = 8000, api_
             "--disable-uvicorn-access-log"]
     names = [name]
     if weights == "merged":
-        merged = bundle.merged_path()
+        int8 = int8_weights(bundle, device)
+        merged = int8 or bundle.merged_path()
+        if int8:
+            weights, reason = "merged-w8a8", reason + "; int8 (W8A8) on the CPU, serve.quantize"
         argv += ["--model", merged, "--served-model-name", name]
         if not any((Path(merged) / f).exists() for f in TOKENIZER_FILES):
             argv += ["--tokenizer", base]
@@ -145,6 +158,7 @@ def plan_vllm(bundle: Bundle, *, host: str = "127.0.0.1", port: int = 8000, api_
                  "--gpu-memory-utilization", str(cfg.get("gpu_memory_utilization", 0.85))]
     else:
         env.update(cpu_env(cfg))
+        argv += ["--block-size", str(cfg.get("cpu_block_size", ServeConfig.cpu_block_size))]
     argv += list(extra_args or [])
     return VLLMPlan(argv=argv, env=env, served_name=name, weights=weights, reason=reason, model_names=names)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder import chatdata, llm
-from builder.config import load_config
+from builder.config import ConfigError, load_config
 from builder.train_llm import (
     FINAL,
     RESULT,
@@ -253,6 +253,17 @@ def test_merged_weights_follow_the_serving_choice(monkeypatch):
     monkeypatch.setattr(builder.device, "cuda_available", lambda: True)
     assert not llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto"]))
     assert llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto", "llm.merge=true"]))
+
+
+def test_int8_weights_are_written_for_a_cpu_unless_quantize_is_none(monkeypatch):
+    import builder.device
+
+    monkeypatch.setattr(builder.device, "cuda_available", lambda: False)
+    assert llm.wants_w8a8(load_config("tiny")) and not llm.wants_w8a8(load_config("tiny", None, ["serve.quantize=none"]))
+    monkeypatch.setattr(builder.device, "cuda_available", lambda: True)
+    assert not llm.wants_w8a8(load_config("tiny")) and llm.wants_w8a8(load_config("tiny", None, ["serve.quantize=w8a8"]))
+    with pytest.raises(ConfigError, match="serve.quantize"):
+        load_config("tiny", None, ["serve.quantize=int4"])
 
 
 def test_checkpoint_key_changes_with_the_data_and_settings_but_not_the_gate(tiny_llm, tmp_path):

@@ -245,6 +245,29 @@ def test_zscore_fusion_standardizes_each_list_and_fills_missing_with_its_floor()
     assert zscore_fuse([[(5, 1.0), (6, 1.0)], []], limit=1) == [(5, 0.0)]
 
 
+def test_within_gap_keeps_the_head_close_to_the_best_score():
+    from serving.retrieval import within_gap
+
+    ranked = [(7, 3.0), (2, 2.6), (9, 1.9), (4, 2.8)]
+    assert within_gap(ranked, 0.5) == [(7, 3.0), (2, 2.6), (4, 2.8)]
+    assert within_gap(ranked, 0.1) == [(7, 3.0)]  # the best always stays
+    assert within_gap(ranked, 0.0) == ranked and within_gap([], 1.0) == []
+
+
+def test_passage_gap_trims_what_the_llm_gets_under_zscore_fusion_only(retriever):
+    retriever.mode, retriever.fusion, retriever.candidates = "hybrid", "zscore:0.5", 6
+    ranked = retriever.rank(["k0 k1"], 4)[0]
+    gaps = [ranked[0][1] - s for _, s in ranked]
+    assert gaps[1] < gaps[2]  # a list whose cut below can fall between the 2nd and 3rd
+    retriever.passage_gap = (gaps[1] + gaps[2]) / 2
+    assert retriever.passages(["k0 k1"], 4)[0] == ranked[:2]
+    assert [h.chunk_id for h in retriever.search("k0 k1", k=4, trim=True)] == [CHUNKS[p]["chunk_id"] for p, _ in ranked[:2]]
+    assert len(retriever.search("k0 k1", k=4)) == 4  # search alone (/v1/retrieve) is never trimmed
+    assert len(retriever.search("k0 k1", k=4, mode="dense", trim=True)) == 4  # another mode: not the served scores
+    retriever.fusion = "rrf:60"  # rank-based scores have no scale to measure a gap on
+    assert len(retriever.passages(["k0 k1"], 4)[0]) == 4
+
+
 def test_fusion_specs_are_checked():
     from builder.config import ConfigError, load_config
     from serving.retrieval import parse_fusion

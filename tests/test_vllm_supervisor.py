@@ -21,7 +21,7 @@ FAKE_UPSTREAM = Path(__file__).parent / "fake_upstream.py"
 
 
 def make_bundle(root: Path, adapter_rank: int | None = None, merged: bool = False, merged_tokenizer: bool = True,
-                **serve) -> Bundle:
+                int8: bool = False, **serve) -> Bundle:
     """A bundle folder with just what serving reads about the LLM."""
     (root / "llm" / "base").mkdir(parents=True)
     llm = {"base": {"name": "tiny", "path": "llm/base"}, "adapter": None, "merged": None}
@@ -35,6 +35,10 @@ def make_bundle(root: Path, adapter_rank: int | None = None, merged: bool = Fals
         if merged_tokenizer:
             (root / "llm" / "merged" / "tokenizer.json").write_text("{}")
         llm["merged"] = "llm/merged"
+    if int8:
+        (root / "llm" / "merged-w8a8").mkdir()
+        (root / "llm" / "merged-w8a8" / "tokenizer.json").write_text("{}")
+        llm["merged_w8a8"] = "llm/merged-w8a8"
     cfg = {"served_model_name": "agro", "use_merged": "auto", "tensor_parallel_size": 2, "data_parallel_size": 3,
            "max_model_len": 1024, "gpu_memory_utilization": 0.5, "cpu_kvcache_gib": 3, **serve}
     (root / "manifest.json").write_text(json.dumps({"bundle_id": "b1", "config": {"serve": cfg},
@@ -83,6 +87,27 @@ def test_merged_or_adapter_follows_use_merged_and_the_device(tmp_path, device, u
         assert arg(plan.argv, "--served-model-name") == "agro" and "--enable-lora" not in plan.argv
     else:
         assert "--enable-lora" in plan.argv
+
+
+@pytest.mark.parametrize("device,quantize,model", [
+    ("cpu", "auto", "merged-w8a8"),  # oneDNN int8 kernels: the CPU's fastest prefill
+    ("cpu", "w8a8", "merged-w8a8"),
+    ("cpu", "none", "merged"),
+    ("cuda", "auto", "merged"),  # a GPU serves the float weights it was given
+])
+def test_int8_weights_are_served_on_the_cpu_unless_quantize_is_none(tmp_path, device, quantize, model):
+    bundle = make_bundle(tmp_path, adapter_rank=8, merged=True, int8=True, use_merged="yes", quantize=quantize)
+    plan = plan_vllm(bundle, device=device)
+    assert arg(plan.argv, "--model") == str(tmp_path / "llm" / model)
+    assert plan.weights == model and arg(plan.argv, "--served-model-name") == "agro"
+    if model == "merged-w8a8":
+        assert "int8" in plan.reason
+
+
+def test_cpu_kv_blocks_are_small_enough_to_cache_the_shared_system_prompt(tmp_path):
+    assert arg(plan_vllm(make_bundle(tmp_path / "a"), device="cpu").argv, "--block-size") == "32"
+    assert arg(plan_vllm(make_bundle(tmp_path / "b", cpu_block_size=64), device="cpu").argv, "--block-size") == "64"
+    assert "--block-size" not in plan_vllm(make_bundle(tmp_path / "c"), device="cuda").argv
 
 
 def test_missing_weights_fall_back_to_what_the_bundle_has(tmp_path):

@@ -48,11 +48,11 @@ def adapter_bundle(tiny_bundle, tmp_path_factory) -> Path:
     training steps barely move a tiny model, and the tests must see that vLLM applies the adapter."""
     dst = tmp_path_factory.mktemp("served") / tiny_bundle.name
     shutil.copytree(tiny_bundle, dst)
-    for sub in ("adapter", "merged"):
+    for sub in ("adapter", "merged", "merged-w8a8"):
         shutil.rmtree(dst / "llm" / sub, ignore_errors=True)
     add_random_adapter(dst)
     manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["models"]["llm"].update({"adapter": "llm/adapter", "merged": None})
+    manifest["models"]["llm"].update({"adapter": "llm/adapter", "merged": None, "merged_w8a8": None})
     manifest["config"]["serve"]["use_merged"] = "no"
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dst
