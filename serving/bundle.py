@@ -6,7 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.config import RetrievalConfig
+
 MANIFEST = "manifest.json"
+DEFAULT_TOP_K = RetrievalConfig.top_k  # for a manifest without retrieval.top_k (hand-made; the builder writes it)
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -54,23 +57,23 @@ class Bundle:
         return raw  # a hub id
 
     def adapter_path(self) -> str | None:
-        rel = self.llm_info.get("adapter")
-        return str(self.path / rel) if rel and (self.path / rel).exists() else None
+        return self._llm_file("adapter")
 
     def merged_path(self) -> str | None:
-        rel = self.llm_info.get("merged")
-        return str(self.path / rel) if rel and (self.path / rel).exists() else None
+        return self._llm_file("merged")
 
     def merged_w8a8_path(self) -> str | None:
         """The merged weights as int8 (W8A8, compressed-tensors), written for serving on a CPU."""
-        rel = self.llm_info.get("merged_w8a8")
+        return self._llm_file("merged_w8a8")
+
+    def _llm_file(self, key: str) -> str | None:
+        """The folder the manifest's models.llm.<key> names, if it is there."""
+        rel = self.llm_info.get(key)
         return str(self.path / rel) if rel and (self.path / rel).exists() else None
 
     @property
     def top_k(self) -> int:
-        from builder.config import RetrievalConfig
-
-        return int(self.manifest.get("retrieval", {}).get("top_k", RetrievalConfig.top_k))
+        return int(self.manifest.get("retrieval", {}).get("top_k", DEFAULT_TOP_K))
 
     @property
     def max_new_tokens(self) -> int:

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder.config import ServeConfig
 from serving.bundle import Bundle
 from serving.settings import served_model_name
 
@@ -49,10 +50,18 @@ def serve_config(bundle: Bundle) -> dict:
 
 
 def choose_weights(bundle: Bundle, device: str) -> tuple[str, str]:
-    """('merged' | 'adapter' | 'base', reason) following serve.use_merged.
+    """('merged-w8a8' | 'merged' | 'adapter' | 'base', reason) following serve.use_merged, then serve.quantize.
 
     'auto' serves merged weights on the CPU, where vLLM's LoRA path costs 3.4x-11x in throughput, and the
-    adapter on a GPU, where they are cheap and the base stays shareable between bundles."""
+    adapter on a GPU, where they are cheap and the base stays shareable between bundles. Merged weights on the
+    CPU are the bundle's int8 copy where it has one (see int8_weights)."""
+    weights, reason = _float_weights(bundle, device)
+    if weights == "merged" and int8_weights(bundle, device):
+        return "merged-w8a8", reason + "; int8 (W8A8) on the CPU, serve.quantize"
+    return weights, reason
+
+
+def _float_weights(bundle: Bundle, device: str) -> tuple[str, str]:
     adapter, merged = bundle.adapter_path(), bundle.merged_path()
     choice = str(serve_config(bundle).get("use_merged", "auto")).lower()
     if not adapter and not merged:
@@ -121,8 +130,6 @@ def cpu_env(serve_cfg: dict, environ: dict | None = None) -> dict[str, str]:
 def plan_vllm(bundle: Bundle, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               device: str = "cpu", extra_args: list[str] | None = None, python: str | None = None) -> VLLMPlan:
     """The vLLM command line and environment for a bundle on a device ('cuda...' or 'cpu')."""
-    from builder.config import ServeConfig
-
     cfg = serve_config(bundle)
     name = served_model_name(bundle)
     weights, reason = choose_weights(bundle, device)
@@ -131,11 +138,8 @@ def plan_vllm(bundle: Bundle, *, host: str = "127.0.0.1", port: int = 8000, api_
             "--port", str(port), "--max-model-len", str(cfg.get("max_model_len", 2048)),
             "--disable-uvicorn-access-log"]
     names = [name]
-    if weights == "merged":
-        int8 = int8_weights(bundle, device)
-        merged = int8 or bundle.merged_path()
-        if int8:
-            weights, reason = "merged-w8a8", reason + "; int8 (W8A8) on the CPU, serve.quantize"
+    if weights.startswith("merged"):
+        merged = bundle.merged_w8a8_path() if weights == "merged-w8a8" else bundle.merged_path()
         argv += ["--model", merged, "--served-model-name", name]
         if not any((Path(merged) / f).exists() for f in TOKENIZER_FILES):
             argv += ["--tokenizer", base]

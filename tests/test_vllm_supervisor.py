@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from serving.bundle import Bundle
-from serving.vllm_server import VLLMError, VLLMServer, cpu_env, cpu_list, lora_rank, plan_vllm
+from serving.vllm_server import VLLMError, VLLMServer, choose_weights, cpu_env, cpu_list, lora_rank, plan_vllm
 from tests.fake_upstream import free_port
 
 FAKE_UPSTREAM = Path(__file__).parent / "fake_upstream.py"
@@ -100,6 +100,7 @@ def test_int8_weights_are_served_on_the_cpu_unless_quantize_is_none(tmp_path, de
     plan = plan_vllm(bundle, device=device)
     assert arg(plan.argv, "--model") == str(tmp_path / "llm" / model)
     assert plan.weights == model and arg(plan.argv, "--served-model-name") == "agro"
+    assert choose_weights(bundle, device)[0] == model  # what GatewaySettings.from_env reports too
     if model == "merged-w8a8":
         assert "int8" in plan.reason
 
