@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                       "relevance": relevance_kinds(bundle_path, read_questions(data["heldout"]))},
         "embedder": {k: emb.get(k) for k in ("finetuned", "decision", "gate", "training", "data")},
         "served_mode": manifest.get("retrieval", {}).get("mode"),
+        "passage_tokens": list(Bundle.load(bundle_path).passage_tokens),
         "llm": {k: manifest["models"]["llm"].get(k) for k in ("decision", "adapter", "merged", "merged_w8a8", "training")},
         "llm_tokens_per_s": (manifest["models"]["llm"].get("training") or {}).get("tokens_per_s"),
         "run": {"command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),

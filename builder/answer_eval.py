@@ -336,17 +336,21 @@ def merge_adapter(base: str, adapter: str, out: Path) -> Path:
 
 def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str, cfg, adapter: str | None = None,
                      merged: str | None = None, systems: Sequence[str] = SYSTEMS, log: Log = _say,
-                     merged_w8a8: str | None = None) -> dict:
+                     merged_w8a8: str | None = None, focus=None) -> dict:
     """{system: metrics} for the given (already selected) questions; see the module docstring. The fine-tuned
     answers come from ``merged_w8a8`` when given and vLLM generates (what vLLM serves on the CPU), else from
-    ``merged``, else from ``adapter``."""
+    ``merged``, else from ``adapter``. ``focus`` (serving.focus.PassageFocus) cuts the passages in the prompts
+    as serving does; citations are scored against the whole chunks, which is what the user is shown."""
     engine = cfg.eval.generation_engine
     max_new = cfg.llm.max_new_tokens
     eager = {"yes": True, "no": False}.get(str(cfg.eval.vllm_eager).lower())  # auto: None, eager on the CPU
     contexts = retrieve_contexts(retriever, questions, top_k)
     unans = unanswerable_cases(retriever, questions, top_k)
-    rag = [build_messages(q["question"], c) for q, c in zip(questions, contexts)]
-    rag_unans = [build_messages(q, c) for q, c, _ in unans]
+    def given(question: str, passages: list[dict]) -> list[dict]:
+        return focus.apply(question, passages) if focus is not None else passages
+
+    rag = [build_messages(q["question"], given(q["question"], c)) for q, c in zip(questions, contexts)]
+    rag_unans = [build_messages(q, given(q, c)) for q, c, _ in unans]
     plain = [[{"role": "user", "content": q["question"]}] for q in questions]
     report: dict = {}
     batches: dict[str, list] = {}
@@ -446,7 +450,8 @@ def answer_report(bundle, questions: Sequence[dict], limit: int | None = None) -
     picked = select_questions(questions, limit or cfg.eval.max_answer_questions)
     if not picked:
         return {}
-    key = question_digest(picked, _settings_key(cfg, bundle.top_k, bundle.adapter_path() is not None))
+    key = question_digest(picked, _settings_key(cfg, bundle.top_k, bundle.adapter_path() is not None,
+                                                bundle.passage_tokens))
     cached = bundle.path / ANSWERS_FILE
     if cached.is_file():
         data = json.loads(cached.read_text())
@@ -454,17 +459,20 @@ def answer_report(bundle, questions: Sequence[dict], limit: int | None = None) -
             return dict(data["report"], cached=ANSWERS_FILE)
     import torch
 
+    from serving.focus import focus_for
     from serving.vllm_server import int8_weights
 
     retriever = Retriever.load(bundle.path)
     return evaluate_answers(retriever, picked, bundle.top_k, bundle.base_model_path(), cfg,
                             adapter=bundle.adapter_path(), merged=bundle.merged_path(),
-                            merged_w8a8=int8_weights(bundle, "cuda" if torch.cuda.is_available() else "cpu"))
+                            merged_w8a8=int8_weights(bundle, "cuda" if torch.cuda.is_available() else "cpu"),
+                            focus=focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens))
 
 
-def _settings_key(cfg, top_k: int, finetuned: bool) -> dict:
+def _settings_key(cfg, top_k: int, finetuned: bool, passage_tokens: tuple[int, int]) -> dict:
     return {"top_k": top_k, "max_new_tokens": cfg.llm.max_new_tokens, "finetuned": finetuned,
-            "passage_gap": cfg.retrieval.passage_gap, "quantize": cfg.serve.quantize, "v": 2}
+            "passage_gap": cfg.retrieval.passage_gap, "quantize": cfg.serve.quantize,
+            "passage_tokens": list(passage_tokens), "v": 3}
 
 
 def main(argv: list[str] | None = None) -> int:

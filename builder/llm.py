@@ -53,6 +53,7 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
         select_questions,
     )
     from builder.train_llm import load_tokenizer
+    from serving.focus import focus_for
 
     bundle_dir = Path(bundle_dir)
     base = str(base)
@@ -108,9 +109,11 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
         picked = select_questions(gate_questions, cfg.eval.max_answer_questions)
         systems = SYSTEMS if gate_from == "held-out split" else ("base", "finetuned")
         with step(f"answer evaluation on {len(picked)} questions ({gate_from})"):
+            focus = focus_for(retriever, base, *passage_budgets(cfg))
             report = evaluate_answers(retriever, picked, cfg.retrieval.top_k, base, cfg, adapter=str(adapter_dir),
                                       merged=str(merged_dir) if merged_dir else None,
-                                      merged_w8a8=str(int8_dir) if int8_dir else None, systems=systems, log=say)
+                                      merged_w8a8=str(int8_dir) if int8_dir else None, systems=systems, log=say,
+                                      focus=focus)
     ship, decision = gate(report, cfg.llm.min_gain, gate_from, len(gate_questions))
     say(f"    {decision}")
     if not ship:
@@ -122,7 +125,7 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
     if report and gate_from == "held-out split":
         # `assistant eval` on the same questions reads this instead of generating again.
         cached = {k: v for k, v in report.items() if k != "finetuned" or ship}
-        key = question_digest(picked, _settings_key(cfg, cfg.retrieval.top_k, ship))
+        key = question_digest(picked, _settings_key(cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg)))
         (bundle_dir / ANSWERS_FILE).write_text(json.dumps({"key": key, "report": cached}, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)  # the adapter is in the bundle now
     metrics = {s: report[s] for s in SYSTEMS if s in report}
@@ -170,6 +173,11 @@ def wants_merged(cfg: BuildConfig) -> bool:
 
     choice = str(cfg.serve.use_merged).lower()
     return bool(cfg.llm.merge) or choice in ("yes", "true", "1") or (choice == "auto" and not cuda_available())
+
+
+def passage_budgets(cfg: BuildConfig) -> tuple[int, int]:
+    """(first passage, later passages) token budgets of the LLM's passages, as the manifest records them."""
+    return cfg.retrieval.first_passage_tokens, cfg.retrieval.passage_tokens
 
 
 def wants_w8a8(cfg: BuildConfig) -> bool:

@@ -9,7 +9,10 @@ from pathlib import Path
 from builder.config import RetrievalConfig
 
 MANIFEST = "manifest.json"
-DEFAULT_TOP_K = RetrievalConfig.top_k  # for a manifest without retrieval.top_k (hand-made; the builder writes it)
+# For a manifest without these keys (hand-made, or written before the key existed): the config defaults.
+DEFAULT_TOP_K = RetrievalConfig.top_k
+DEFAULT_PASSAGE_TOKENS = (RetrievalConfig.first_passage_tokens, RetrievalConfig.passage_tokens)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def resolve_bundle(path: str | Path) -> Path:
@@ -74,6 +77,20 @@ class Bundle:
     @property
     def top_k(self) -> int:
         return int(self.manifest.get("retrieval", {}).get("top_k", DEFAULT_TOP_K))
+
+    @property
+    def passage_tokens(self) -> tuple[int, int]:
+        """(first passage, later passages) token budgets of the LLM's passages; 0 is whole (serving/focus.py)."""
+        r = self.manifest.get("retrieval", {})
+        return (int(r.get("first_passage_tokens", DEFAULT_PASSAGE_TOKENS[0])),
+                int(r.get("passage_tokens", DEFAULT_PASSAGE_TOKENS[1])))
+
+    def tokenizer_path(self) -> str:
+        """A folder with the LLM's tokenizer: the adapter's or merged weights' copy, else the base model."""
+        for d in (self.adapter_path(), self.merged_path()):
+            if d and any((Path(d) / f).exists() for f in TOKENIZER_FILES):
+                return d
+        return self.base_model_path()
 
     @property
     def max_new_tokens(self) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from serving.bundle import Bundle
 from serving.citations import ground_citations
+from serving.focus import focus_for
 from serving.prompting import build_messages
 from serving.retrieval import Retriever
 
@@ -53,6 +54,7 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 
 class LocalAssistant:
     def __init__(self, bundle: Bundle, retriever: Retriever, model, tok):
         self.bundle, self.retriever, self.model, self.tok = bundle, retriever, model, tok
+        self.focus = focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens)
 
     @classmethod
     def load(cls, path: str | Path, use_adapter: bool = True) -> LocalAssistant:
@@ -64,7 +66,7 @@ class LocalAssistant:
     def answer(self, question: str, top_k: int | None = None) -> dict:
         hits = self.retriever.search(question, k=top_k or self.bundle.top_k, trim=not top_k)
         passages = [h.to_dict() for h in hits]
-        messages = build_messages(question, passages)
+        messages = build_messages(question, self.focus.apply(question, passages))
         text = generate(self.model, self.tok, [messages], max_new_tokens=self.bundle.max_new_tokens)[0]
         return {"answer": ground_citations(text, passages),
                 "sources": [{"source": h.source, "location": h.location, "chunk_id": h.chunk_id,

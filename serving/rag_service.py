@@ -23,6 +23,7 @@ from typing import Any
 
 from serving.bundle import Bundle
 from serving.citations import CitationGrounder, ground_citations
+from serving.focus import PassageFocus, focus_for
 from serving.prompting import build_messages, parse_citations
 from serving.protocol import Source, Usage
 from serving.retrieval import STOPWORDS, RetrievalResult, Retriever
@@ -300,6 +301,7 @@ class Assistant:
     bundle: Bundle
     retriever: Retriever
     examples: list[str] = field(default_factory=list)
+    focus: PassageFocus | None = None  # cuts the passages the LLM reads; None: whole passages
 
     @property
     def name(self) -> str:
@@ -366,7 +368,8 @@ class RagService:
         for served in settings.models:
             bundle = Bundle.load(served.bundle_dir)
             retriever = Retriever.load(bundle.path, device=settings.retrieval_device)
-            assistants.append(Assistant(served, bundle, retriever, example_questions(bundle)))
+            focus = focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens)
+            assistants.append(Assistant(served, bundle, retriever, example_questions(bundle), focus))
         if upstream is None:
             upstream = (LocalUpstream({a.served.upstream_model: a.bundle for a in assistants})
                         if settings.local_generation else OpenAIUpstream(settings))
@@ -408,7 +411,11 @@ class RagService:
         question, history = split_conversation(messages, self.settings.history_messages)
         query = retrieval_query(messages)
         hits, ms = await self.retrieve(assistant.name, query, passages)
-        prompt = build_messages(question, prompt_passages(hits), history)
+        given = prompt_passages(hits)
+        if assistant.focus is not None and assistant.focus.enabled:  # a few ms of tokenizing: off the event loop
+            given = await asyncio.get_running_loop().run_in_executor(self._retrieval_pool, assistant.focus.apply,
+                                                                     query, given)
+        prompt = build_messages(question, given, history)
         return assistant, query, hits, ms, prompt
 
     async def answer(self, model: str | None, messages: Sequence[dict], params: dict | None = None,

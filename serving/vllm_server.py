@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.config import ServeConfig
-from serving.bundle import Bundle
+from serving.bundle import TOKENIZER_FILES, Bundle
 from serving.settings import served_model_name
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 class VLLMError(RuntimeError):
