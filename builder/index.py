@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from serving.retrieval import BM25_DIR, CHUNKS_FILE, FAISS_FILE, BM25Index, DenseIndex
+from serving.retrieval import BM25_DIR, CHUNKS_FILE, FAISS_FILE, SENTENCE_END, BM25Index, DenseIndex
 
 
 def embed_texts(model, texts: Sequence[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
     return model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
                         show_progress_bar=show_progress)
-
-
-# A sentence ends at . ! or ? followed by space and something that can start one. Coarser than the chunker's
-# splitter (which also breaks at ; and :) on purpose: a window should read as whole sentences.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 
 
 def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tuple[list[str], list[int]]:
@@ -34,7 +28,7 @@ def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tupl
         head, sep, body = chunk["text"].partition("\n")
         if not sep:
             head, body = "", head
-        sents = [s.strip() for s in _SENTENCE_END.split(body) if s.strip()]
+        sents = [s.strip() for s in SENTENCE_END.split(body) if s.strip()]
         if len(sents) <= size:
             continue
         starts = list(range(0, len(sents) - size + 1, stride))

@@ -5,9 +5,10 @@ read past. Each passage given to the LLM is cut to a token budget: its first lin
 the chunker put there) stays, then the sentences sharing the most rare words with the question, in their
 original order, with "…" where sentences were left out. A passage within its budget is given whole.
 
-Measured on the cpu bundles (BENCHMARKS.md): the passages given to SmolLM2-135M went from ~378 to ~206 tokens
-on knowledge/ and ~520 to ~244 on COVID-QA, held-out F1 rose (knowledge/ 0.435 -> 0.482, COVID-QA 0.253 ->
-0.314), and the gateway serves more tokens/s because prefill is what bounds it on a CPU.
+Measured on the cpu bundles (BENCHMARKS.md): the three passages given to SmolLM2-135M went from ~378 to ~206
+tokens on knowledge/ and ~520 to ~244 on COVID-QA, held-out F1 rose (knowledge/ 0.435 -> 0.457, COVID-QA
+0.253 -> 0.317, same adapters), and the gateway serves more tokens/s (121-131 -> 155-175 at 16 concurrent on 2
+cores) because prefill is what bounds it on a CPU.
 
 Only the prompt is cut: sources shown to the user, citation grounding and scoring keep the whole chunk.
 """
@@ -15,13 +16,11 @@ Only the prompt is cut: sources shown to the user, citation grounding and scorin
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from serving.retrieval import bm25_tokenize
+from serving.retrieval import SENTENCE_END, bm25_tokenize
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 GAP = "…"
 
 TokenCount = Callable[[str], int]

@@ -40,6 +40,11 @@ DEFAULT_ANALYZER = {"stemmer": "english", "k1": 1.2, "b": 0.75}
 LEGACY_ANALYZER = {"stemmer": None, "k1": 1.5, "b": 0.75}
 
 
+# A sentence ends at . ! or ? followed by space and something that can start one. Coarser than the chunker's
+# splitter (which also breaks at ; and :) on purpose: sentence windows and cut passages read as whole sentences.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
+
+
 def bm25_tokenize(texts: Sequence[str], stemmer: str | None = None) -> list[list[str]]:
     """Lower-cased word tokens without stop words, stemmed with the named Snowball stemmer when given."""
     tokens = [[w for w in _WORD.findall(t.lower()) if w not in STOPWORDS] for t in texts]
