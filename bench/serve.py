@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serving.bundle import Bundle
-from serving.focus import focus_for
+from serving.focus import bundle_focus
 from serving.prompting import build_messages
 from serving.rag_service import example_questions
 from serving.retrieval import Retriever
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(GatewaySettings.retrieval_threads)
     retriever = Retriever.load(bundle.path)
-    focus = focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens)
+    focus = bundle_focus(bundle, retriever)
     retrieval_ms, focus_ms, prompts = [], [], []
     for q in questions:
         start = time.perf_counter()

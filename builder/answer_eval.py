@@ -459,14 +459,14 @@ def answer_report(bundle, questions: Sequence[dict], limit: int | None = None) -
             return dict(data["report"], cached=ANSWERS_FILE)
     import torch
 
-    from serving.focus import focus_for
+    from serving.focus import bundle_focus
     from serving.vllm_server import int8_weights
 
     retriever = Retriever.load(bundle.path)
     return evaluate_answers(retriever, picked, bundle.top_k, bundle.base_model_path(), cfg,
                             adapter=bundle.adapter_path(), merged=bundle.merged_path(),
                             merged_w8a8=int8_weights(bundle, "cuda" if torch.cuda.is_available() else "cpu"),
-                            focus=focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens))
+                            focus=bundle_focus(bundle, retriever))
 
 
 def _settings_key(cfg, top_k: int, finetuned: bool, passage_tokens: tuple[int, int]) -> dict:

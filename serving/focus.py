@@ -135,3 +135,8 @@ def focus_for(retriever, tokenizer_dir: str, first_tokens: int, other_tokens: in
     count = token_counter(tokenizer_dir) if (first_tokens or other_tokens) else (lambda text: 0)
     return PassageFocus.from_texts([c["text"] for c in retriever.chunks], count, first_tokens, other_tokens,
                                    stemmer=stemmer)
+
+
+def bundle_focus(bundle, retriever) -> PassageFocus:
+    """The focus a served bundle uses: its manifest's budgets, its LLM's tokenizer, its retriever's chunks."""
+    return focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens)

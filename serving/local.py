@@ -9,7 +9,7 @@ from pathlib import Path
 
 from serving.bundle import Bundle
 from serving.citations import ground_citations
-from serving.focus import focus_for
+from serving.focus import bundle_focus
 from serving.prompting import build_messages
 from serving.retrieval import Retriever
 
@@ -54,7 +54,7 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 
 class LocalAssistant:
     def __init__(self, bundle: Bundle, retriever: Retriever, model, tok):
         self.bundle, self.retriever, self.model, self.tok = bundle, retriever, model, tok
-        self.focus = focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens)
+        self.focus = bundle_focus(bundle, retriever)
 
     @classmethod
     def load(cls, path: str | Path, use_adapter: bool = True) -> LocalAssistant:

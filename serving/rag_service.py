@@ -23,7 +23,7 @@ from typing import Any
 
 from serving.bundle import Bundle
 from serving.citations import CitationGrounder, ground_citations
-from serving.focus import PassageFocus, focus_for
+from serving.focus import PassageFocus, bundle_focus
 from serving.prompting import build_messages, parse_citations
 from serving.protocol import Source, Usage
 from serving.retrieval import STOPWORDS, RetrievalResult, Retriever
@@ -368,7 +368,7 @@ class RagService:
         for served in settings.models:
             bundle = Bundle.load(served.bundle_dir)
             retriever = Retriever.load(bundle.path, device=settings.retrieval_device)
-            focus = focus_for(retriever, bundle.tokenizer_path(), *bundle.passage_tokens)
+            focus = bundle_focus(bundle, retriever)
             assistants.append(Assistant(served, bundle, retriever, example_questions(bundle), focus))
         if upstream is None:
             upstream = (LocalUpstream({a.served.upstream_model: a.bundle for a in assistants})
