@@ -66,6 +66,10 @@ class EmbedderConfig:
     min_gain: float = _f(0.0, "The fine-tuned embedder ships only if its held-out MRR@10 beats the base by more than this.")
     question_repeats: int = _f(1, "Times each real question pair is trained on per epoch, with a different mined "
                                "hard negative each time: real questions teach more than synthetic queries.")
+    remine_rounds: int = _f(0, "After training, rounds of one more pass over the real questions with hard negatives "
+                            "mined by the fine-tuned model itself (the passages it still confuses with the answer); "
+                            "a round that does not improve the held-out MRR@10 is undone.")
+    remine_lr_scale: float = _f(0.5, "Learning rate of a re-mined round, as a share of embedder.learning_rate.")
 
 
 @dataclass

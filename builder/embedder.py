@@ -159,8 +159,10 @@ def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict],
 
 
 def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], cfg: BuildConfig, device: str,
-          work_dir: Path) -> dict:
-    """Fine-tune ``model`` in place on the pairs; returns the resolved settings and the loss curve's ends."""
+          work_dir: Path, epochs: float | None = None, learning_rate: float | None = None,
+          question_repeats: int | None = None) -> dict:
+    """Fine-tune ``model`` in place on the pairs; returns the resolved settings and the loss curve's ends.
+    ``epochs``, ``learning_rate`` and ``question_repeats`` default to the embedder config's."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -171,20 +173,23 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
     )
 
     ecfg = cfg.embedder
-    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed, ecfg.question_repeats)
+    epochs = ecfg.epochs if epochs is None else epochs
+    learning_rate = ecfg.learning_rate if learning_rate is None else learning_rate
+    question_repeats = ecfg.question_repeats if question_repeats is None else question_repeats
+    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed, question_repeats)
     dataset = Dataset.from_dict(columns)
     batch_size = max(2, min(ecfg.batch_size, len(dataset)))
     if batch_size > ecfg.cached_loss_above:
         loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(32, ecfg.cached_loss_above))
     else:
         loss = MultipleNegativesRankingLoss(model)
-    steps = math.ceil(len(dataset) / batch_size) * ecfg.epochs
+    steps = math.ceil(len(dataset) / batch_size) * epochs
     dtype = autocast_dtype(device)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir),
-        num_train_epochs=ecfg.epochs,
+        num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
-        learning_rate=ecfg.learning_rate,
+        learning_rate=learning_rate,
         warmup_steps=ecfg.warmup_ratio,  # a float below 1 is a share of the steps
         lr_scheduler_type="linear",
         batch_sampler=BatchSamplers.NO_DUPLICATES,
@@ -210,9 +215,9 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
         "loss": type(loss).__name__,
         "batch_sampler": "no_duplicates",
         "batch_size": batch_size,
-        "epochs": ecfg.epochs,
+        "epochs": epochs,
         "steps": int(trainer.state.global_step),
-        "learning_rate": ecfg.learning_rate,
+        "learning_rate": learning_rate,
         "warmup_ratio": ecfg.warmup_ratio,
         "scheduler": "linear",
         "hard_negatives_per_pair": len(columns) - 2,
@@ -220,13 +225,38 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
         "precision": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32",
         "device": device,
         "seed": cfg.seed,
-        "question_repeats": ecfg.question_repeats,
+        "question_repeats": question_repeats,
         "train_pairs": len(pairs),
         "train_rows": len(dataset),
         "loss_first": round(losses[0], 4) if losses else None,
         "loss_last": round(losses[-1], 4) if losses else None,
         "train_seconds": seconds,
     }
+
+
+def remine_round(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], ft_emb: np.ndarray,
+                 cfg: BuildConfig, device: str) -> tuple[dict, np.ndarray]:
+    """One more pass over the real questions, each with fresh hard negatives mined by the model just trained
+    (its chunk embeddings ``ft_emb``, fused with BM25 as in the first mining). The first round's negatives were
+    hard for the base model; these are the passages the fine-tuned one still confuses with the answer, mostly
+    other passages of the right document. Trains ``model`` in place at ``embedder.remine_lr_scale`` times the
+    learning rate; returns the round's record and the chunks' new embeddings."""
+    import dataclasses
+
+    questions = [dataclasses.replace(p, negatives=[]) for p in pairs if p.kind in datagen.SUPERVISED_KINDS]
+    start = time.perf_counter()
+    ranker = datagen.BaseRanker(chunks, lambda qs: encode_texts(model, qs, device), ft_emb,
+                                cfg.retrieval.bm25_analyzer())
+    dropped = datagen.mine_hard_negatives(questions, chunks, ranker, cfg.datagen.hard_negatives)
+    mine_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="embedder-remine-") as work:
+        info = train(model, questions, chunks, cfg, device, Path(work), epochs=1.0, question_repeats=1,
+                     learning_rate=cfg.embedder.learning_rate * cfg.embedder.remine_lr_scale)
+    say(f"    embedding {len(chunks)} chunks with the re-trained embedder")
+    emb = encode_texts(model, [c["text"] for c in chunks], device, progress=True)
+    return ({"pairs": len(questions), "false_negatives_dropped": dropped, "mine_seconds": round(mine_s, 1),
+             "steps": info["steps"], "learning_rate": info["learning_rate"], "train_seconds": info["train_seconds"],
+             "loss_first": info["loss_first"], "loss_last": info["loss_last"]}, emb)
 
 
 # ----------------------------------------------------------------------------------------------- the stage
@@ -285,6 +315,23 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
     ft_emb = encode_texts(model, texts, device, progress=True)
     after = {k: run_ir_evaluator(e, model, ft_emb, device) for k, e in evaluators.items()}
     say(f"    fine-tuned embedder on {gate_on}: " + _fmt(after[gate_key]))
+    rounds = []
+    for n in range(1, cfg.embedder.remine_rounds + 1):
+        kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        round_info, round_emb = remine_round(model, train_pairs, chunks, ft_emb, cfg, device)
+        round_after = {k: run_ir_evaluator(e, model, round_emb, device) for k, e in evaluators.items()}
+        better = round_after[gate_key][GATE_METRIC] > after[gate_key][GATE_METRIC]
+        round_info.update({"round": n, "heldout": round_after[gate_key], "kept": better})
+        rounds.append(round_info)
+        say(f"    after re-mined round {n} on {gate_on}: " + _fmt(round_after[gate_key])
+            + ("" if better else f" (not better than before it: {GATE_METRIC} "
+                                 f"{after[gate_key][GATE_METRIC]:.4f}; round undone)"))
+        if not better:
+            model.load_state_dict(kept)
+            break
+        after, ft_emb = round_after, round_emb
+    if rounds:
+        training["remine"] = rounds
 
     ship, decision = promotion_decision(before[gate_key], after[gate_key], cfg.embedder.min_gain, on=gate_on)
     say(f"    {decision}")

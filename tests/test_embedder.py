@@ -142,3 +142,63 @@ def test_training_precision_follows_the_environment_override(monkeypatch):
     assert autocast_dtype("cpu") is None
     monkeypatch.setenv("ASSISTANT_AUTOCAST", "bf16")
     assert autocast_dtype("cpu") is torch.bfloat16
+
+
+def cloze_questions(chunks: list[dict], n: int) -> list[dict]:
+    """Questions made from the chunks' own sentences: the answer is the sentence's last four words."""
+    out = []
+    for c in chunks:
+        for sentence in c["text"].splitlines()[1:]:
+            words = sentence.split()
+            if len(words) >= 10:
+                out.append({"question": "What about " + " ".join(words[:5]) + "?", "answer": " ".join(words[-4:]),
+                            "source": c["source"]})
+                break
+        if len(out) == n:
+            break
+    return out
+
+
+def test_a_remined_round_trains_the_questions_on_negatives_the_trained_model_ranks_high(chunks, base_model,
+                                                                                         tmp_path):
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    questions = cloze_questions(chunks, 40)  # 3 batches of 16: the first trains at 0 (linear warmup)
+    pairs, unmatched = datagen.question_pairs(questions, chunks)
+    assert len(pairs) > 32 and not unmatched
+    cloze = datagen.synthetic_pairs(chunks, per_chunk=1, limit=4, supervised={})
+    model = SentenceTransformer(str(base_model), device="cpu")
+    emb = embedder.encode_texts(model, [c["text"] for c in chunks])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    info, new_emb = embedder.remine_round(model, pairs + cloze, chunks, emb, tiny_cfg("embedder.learning_rate=1e-3"),
+                                          "cpu")
+    assert info["pairs"] == len(pairs)  # real questions only; the cloze pairs are not trained again
+    assert info["steps"] == -(-len(pairs) // 16) and info["learning_rate"] == pytest.approx(5e-4)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert new_emb.shape == emb.shape and not np.allclose(new_emb, emb)
+    assert all(len(p.negatives) == 0 for p in pairs)  # the caller's pairs keep their first-round negatives
+    # What it mined: the trained model's best-ranked chunks that neither are the answer's chunk nor hold it.
+    ranker = datagen.BaseRanker(chunks, lambda qs: embedder.encode_texts(model, qs), new_emb)
+    probe = [datagen.EmbedderPair(p.query, p.positive, p.kind, p.relevant, answer=p.answer, exact=p.exact)
+             for p in pairs]
+    datagen.mine_hard_negatives(probe, chunks, ranker, 1)
+    for p in probe:
+        assert p.negatives and p.negatives[0] not in set(p.relevant) | {p.positive}
+        assert datagen.normalize(p.answer) not in datagen.normalize(chunks[p.negatives[0]]["text"])
+
+
+def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chunks, base_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    questions = cloze_questions(chunks, 40)
+    cfg = tiny_cfg("embedder.learning_rate=1e-3", "embedder.remine_rounds=2", "embedder.remine_lr_scale=0")
+    info = embedder.run(cfg, base_model, chunks, questions, tmp_path / "embedder", tmp_path / "data")
+    rounds = info["training"]["remine"]
+    assert len(rounds) == 1 and rounds[0]["kept"] is False  # learning rate 0: no gain, undone, no second round
+    assert rounds[0]["heldout"]["mrr@10"] == pytest.approx(info["gate"]["finetuned"]["mrr@10"], abs=1e-6)
+    if info["finetuned"]:  # the shipped model is the first round's, whose embeddings the index reuses
+        shipped = SentenceTransformer(str(tmp_path / "embedder"), device="cpu")
+        again = embedder.encode_texts(shipped, [c["text"] for c in chunks])
+        assert abs(again - info["chunk_embeddings"]).max() < 1e-2
