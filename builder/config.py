@@ -309,6 +309,8 @@ def _check(cfg: BuildConfig) -> None:
     if cfg.retrieval.first_passage_tokens < 0 or cfg.retrieval.passage_tokens < 0:
         raise ConfigError("retrieval.first_passage_tokens and retrieval.passage_tokens must be 0 (whole "
                           "passages) or positive")
+    if cfg.embedder.remine_rounds < 0 or cfg.embedder.remine_lr_scale < 0:
+        raise ConfigError("embedder.remine_rounds and embedder.remine_lr_scale must not be negative")
     if cfg.llm.steps_per_question < 0 or cfg.llm.steps_cap < 0:
         raise ConfigError("llm.steps_per_question and llm.steps_cap must not be negative")
     for w in cfg.retrieval.zscore_weight_choices:

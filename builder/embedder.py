@@ -316,7 +316,8 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
     after = {k: run_ir_evaluator(e, model, ft_emb, device) for k, e in evaluators.items()}
     say(f"    fine-tuned embedder on {gate_on}: " + _fmt(after[gate_key]))
     rounds = []
-    for n in range(1, cfg.embedder.remine_rounds + 1):
+    has_questions = any(p.kind in datagen.SUPERVISED_KINDS for p in train_pairs)
+    for n in range(1, cfg.embedder.remine_rounds + 1 if has_questions else 1):
         kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
         round_info, round_emb = remine_round(model, train_pairs, chunks, ft_emb, cfg, device)
         round_after = {k: run_ir_evaluator(e, model, round_emb, device) for k, e in evaluators.items()}

@@ -202,3 +202,13 @@ def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chun
         shipped = SentenceTransformer(str(tmp_path / "embedder"), device="cpu")
         again = embedder.encode_texts(shipped, [c["text"] for c in chunks])
         assert abs(again - info["chunk_embeddings"]).max() < 1e-2
+
+
+def test_remine_settings_must_not_be_negative_and_a_folder_without_questions_skips_the_rounds(chunks, base_model,
+                                                                                               tmp_path):
+    from builder.config import ConfigError
+
+    with pytest.raises(ConfigError, match="remine"):
+        tiny_cfg("embedder.remine_rounds=-1")
+    info = embedder.run(tiny_cfg("embedder.remine_rounds=1"), base_model, chunks, [], tmp_path / "e", tmp_path / "d")
+    assert info["data"]["question"] == 0 and "remine" not in info["training"]
