@@ -238,8 +238,8 @@ def remine_round(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[
                  cfg: BuildConfig, device: str) -> tuple[dict, np.ndarray]:
     """One more pass over the real questions, each with fresh hard negatives mined by the model just trained
     (its chunk embeddings ``ft_emb``, fused with BM25 as in the first mining). The first round's negatives were
-    hard for the base model; these are the passages the fine-tuned one still confuses with the answer, mostly
-    other passages of the right document. Trains ``model`` in place at ``embedder.remine_lr_scale`` times the
+    hard for the base model; these are the passages the fine-tuned one still confuses with the answer (on
+    COVID-QA its misses are mostly other passages of the right article). Trains ``model`` in place at ``embedder.remine_lr_scale`` times the
     learning rate; returns the round's record and the chunks' new embeddings."""
     import dataclasses
 
@@ -316,8 +316,9 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
     after = {k: run_ir_evaluator(e, model, ft_emb, device) for k, e in evaluators.items()}
     say(f"    fine-tuned embedder on {gate_on}: " + _fmt(after[gate_key]))
     rounds = []
-    has_questions = any(p.kind in datagen.SUPERVISED_KINDS for p in train_pairs)
-    for n in range(1, cfg.embedder.remine_rounds + 1 if has_questions else 1):
+    # A round trains the real questions only; a folder without any has nothing to re-mine for.
+    wanted = cfg.embedder.remine_rounds if any(p.kind in datagen.SUPERVISED_KINDS for p in train_pairs) else 0
+    for n in range(1, wanted + 1):
         kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
         round_info, round_emb = remine_round(model, train_pairs, chunks, ft_emb, cfg, device)
         round_after = {k: run_ir_evaluator(e, model, round_emb, device) for k, e in evaluators.items()}
