@@ -70,6 +70,9 @@ class EmbedderConfig:
                             "mined by the fine-tuned model itself (the passages it still confuses with the answer); "
                             "a round that does not improve the held-out MRR@10 is undone.")
     remine_lr_scale: float = _f(0.5, "Learning rate of a re-mined round, as a share of embedder.learning_rate.")
+    sources_per_batch: int = _f(0, "Fill each training batch from this many documents at a time, so in-batch "
+                                "negatives are other passages of the same documents (0: random batches with no "
+                                "duplicate texts).")
 
 
 @dataclass
@@ -311,6 +314,8 @@ def _check(cfg: BuildConfig) -> None:
                           "passages) or positive")
     if cfg.embedder.remine_rounds < 0 or cfg.embedder.remine_lr_scale < 0:
         raise ConfigError("embedder.remine_rounds and embedder.remine_lr_scale must not be negative")
+    if cfg.embedder.sources_per_batch < 0:
+        raise ConfigError("embedder.sources_per_batch must be 0 (random batches) or a number of documents")
     if cfg.llm.steps_per_question < 0 or cfg.llm.steps_cap < 0:
         raise ConfigError("llm.steps_per_question and llm.steps_cap must not be negative")
     for w in cfg.retrieval.zscore_weight_choices:

@@ -17,13 +17,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,7 @@ def run_ir_evaluator(evaluator, model, corpus_embeddings: np.ndarray, device: st
     import torch
 
     with _autocast(device):
-        raw = evaluator(model, corpus_embeddings=torch.from_numpy(corpus_embeddings))
+        raw = evaluator(model, corpus_embeddings=torch.from_numpy(corpus_embeddings).to(model.device))
     picked: dict[str, float] = {}
     for ours, theirs in (("recall@1", "accuracy@1"), ("recall@5", "accuracy@5"), ("recall@10", "accuracy@10"),
                          ("mrr@10", "mrr@10"), ("ndcg@10", "ndcg@10")):
@@ -130,11 +132,21 @@ def promotion_decision(base: dict[str, float], finetuned: dict[str, float], min_
 
 # ----------------------------------------------------------------------------------------------- training
 
+@dataclass(frozen=True)
+class RowInfo:
+    """What the source-grouped batch sampler knows about a training row (it never sees the dataset's text)."""
+    source: str  # the document of the row's positive
+    repeat: int  # which of the question's repeats this row is (0 for a synthetic pair)
+    answer: str  # normalized answer text ("" when the pair has none)
+
+
 def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], n_negatives: int,
-                  seed: int = 0, question_repeats: int = 1) -> dict[str, list[str]]:
+                  seed: int = 0, question_repeats: int = 1,
+                  info: list[RowInfo] | None = None) -> dict[str, list[str]]:
     """Columns anchor, positive, negative_1..n. A question pair appears ``question_repeats`` times, each time with
     the next n of its mined negatives. Rows short of mined negatives are topped up with random chunks that do not
-    answer the query, because every row needs the same number of columns."""
+    answer the query, because every row needs the same number of columns. ``info``, when given, receives one
+    ``RowInfo`` per row, in row order."""
     norm_texts = [datagen.normalize(c["text"]) for c in chunks]
     rows: list[tuple[str, str, list[str]]] = []
     width = n_negatives
@@ -152,10 +164,114 @@ def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict],
                 negs += pool[:n_negatives - len(negs)]
             width = min(width, len(negs))
             rows.append((p.query, p.text(chunks), [chunks[i]["text"] for i in negs]))
+            if info is not None:
+                info.append(RowInfo(chunks[p.positive]["source"], r,
+                                    datagen.normalize(p.answer) if p.answer else ""))
     columns: dict[str, list[str]] = {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}
     for j in range(width):
         columns[f"negative_{j + 1}"] = [r[2][j] for r in rows]
     return columns
+
+
+class SourceGroupedBatchSampler:
+    """Batches whose rows come from a few documents at a time, so that in-batch negatives are other passages of
+    the same document: the passages a fine-tuned embedder still confuses with the answer (topic-aware sampling,
+    Hofstaetter et al., 2021, with the document as the topic).
+
+    Each pass over the rows (a question's repeats fall in different passes) visits the documents in a seeded
+    order, ``sources`` of them open at a time, and fills a batch from the open ones in turn. As in the
+    no-duplicates sampler, a row is put off to a later batch when one of its texts is already in the batch, and,
+    because passages of one document overlap, also when its answer appears in a text of the batch or the
+    answer of a row in the batch appears in one of its texts (a false negative either way).
+    """
+
+    def __init__(self, dataset, batch_size: int, drop_last: bool = False, *, info: Sequence[RowInfo],
+                 sources: int, seed: int = 0, **_ignored) -> None:
+        if len(info) != len(dataset):
+            raise ValueError(f"{len(info)} row records for {len(dataset)} rows")
+        if sources < 1:
+            raise ValueError(f"sources per batch must be at least 1, got {sources}")
+        self.batch_size, self.drop_last, self.sources, self.seed = batch_size, drop_last, sources, seed
+        self.info = list(info)
+        columns = list(dataset.column_names)
+        self.texts = [tuple(row) for row in zip(*(dataset[c] for c in columns))]
+        # Answers are looked for in the passages (anchors are queries): normalized like the answers.
+        self.norm = [tuple(datagen.normalize(t) for t in row[1:]) for row in self.texts]
+        self.epoch = 0
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._plan(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._plan(self.epoch))
+
+    def _conflicts(self, i: int, batch: list[int], seen: set[str]) -> bool:
+        if any(t in seen for t in self.texts[i]):
+            return True
+        answer = self.info[i].answer
+        for j in batch:
+            if answer and any(answer in t for t in self.norm[j]):
+                return True
+            other = self.info[j].answer
+            if other and any(other in t for t in self.norm[i]):
+                return True
+        return False
+
+    def _offer(self, i: int, batch: list[int], seen: set[str], later: list[int]) -> None:
+        """Row i joins the batch if there is room and nothing clashes; otherwise it waits for a later batch."""
+        if len(batch) < self.batch_size and not self._conflicts(i, batch, seen):
+            batch.append(i)
+            seen.update(self.texts[i])
+        else:
+            later.append(i)
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch in self._plans:
+            return self._plans[epoch]
+        rng = random.Random(f"{self.seed}:source-batches:{epoch}")
+        groups: list[list[int]] = []
+        for rep in sorted({r.repeat for r in self.info}):
+            by_source: dict[str, list[int]] = {}
+            for i, r in enumerate(self.info):
+                if r.repeat == rep:
+                    by_source.setdefault(r.source, []).append(i)
+            names = sorted(by_source)
+            rng.shuffle(names)
+            for name in names:
+                rows = by_source[name]
+                rng.shuffle(rows)
+                groups.append(rows)
+        groups.reverse()  # popped from the end, so visited in the order drawn
+        opened: list[list[int]] = []
+        carried: list[int] = []
+        batches: list[list[int]] = []
+        while groups or opened or carried:
+            batch: list[int] = []
+            seen: set[str] = set()
+            later: list[int] = []
+            for i in carried:
+                self._offer(i, batch, seen, later)
+            while len(batch) < self.batch_size:
+                while len(opened) < self.sources and groups:
+                    opened.append(groups.pop())
+                if not opened:
+                    break
+                for rows in opened:
+                    if len(batch) >= self.batch_size:
+                        break
+                    self._offer(rows.pop(), batch, seen, later)
+                opened = [rows for rows in opened if rows]
+            carried = later
+            if batch:
+                batches.append(batch)
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        self._plans = {epoch: batches}
+        return batches
 
 
 def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], cfg: BuildConfig, device: str,
@@ -176,8 +292,15 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
     epochs = ecfg.epochs if epochs is None else epochs
     learning_rate = ecfg.learning_rate if learning_rate is None else learning_rate
     question_repeats = ecfg.question_repeats if question_repeats is None else question_repeats
-    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed, question_repeats)
+    info: list[RowInfo] = []
+    columns = training_rows(pairs, chunks, cfg.datagen.hard_negatives, cfg.seed, question_repeats, info)
     dataset = Dataset.from_dict(columns)
+    if ecfg.sources_per_batch:
+        sampler = functools.partial(SourceGroupedBatchSampler, info=info, sources=ecfg.sources_per_batch,
+                                    seed=cfg.seed)
+        sampler_name = f"source_grouped ({ecfg.sources_per_batch} documents at a time)"
+    else:
+        sampler, sampler_name = BatchSamplers.NO_DUPLICATES, "no_duplicates"
     batch_size = max(2, min(ecfg.batch_size, len(dataset)))
     if batch_size > ecfg.cached_loss_above:
         loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=min(32, ecfg.cached_loss_above))
@@ -192,7 +315,7 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
         learning_rate=learning_rate,
         warmup_steps=ecfg.warmup_ratio,  # a float below 1 is a share of the steps
         lr_scheduler_type="linear",
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        batch_sampler=sampler,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
         use_cpu=device == "cpu",
@@ -213,7 +336,7 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
     model.eval()
     return {
         "loss": type(loss).__name__,
-        "batch_sampler": "no_duplicates",
+        "batch_sampler": sampler_name,
         "batch_size": batch_size,
         "epochs": epochs,
         "steps": int(trainer.state.global_step),

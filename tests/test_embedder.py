@@ -212,3 +212,70 @@ def test_remine_settings_must_not_be_negative_and_a_folder_without_questions_ski
         tiny_cfg("embedder.remine_rounds=-1")
     info = embedder.run(tiny_cfg("embedder.remine_rounds=1"), base_model, chunks, [], tmp_path / "e", tmp_path / "d")
     assert info["data"]["question"] == 0 and "remine" not in info["training"]
+
+
+def grouped_rows(n_sources: int, per_source: int, repeats: int = 1):
+    """A dataset of question rows: ``per_source`` questions in each of ``n_sources`` documents, each repeated,
+    every text distinct except a question's anchor and positive across its repeats."""
+    from datasets import Dataset
+
+    cols: dict[str, list[str]] = {"anchor": [], "positive": [], "negative_1": []}
+    info = []
+    for s in range(n_sources):
+        for q in range(per_source):
+            for r in range(repeats):
+                cols["anchor"].append(f"question {q} about document {s}?")
+                cols["positive"].append(f"Document {s} passage {q} says answer-{s}-{q}.")
+                cols["negative_1"].append(f"Document {s} passage {q} negative {r}.")
+                info.append(embedder.RowInfo(f"doc{s}.md", r, f"answer-{s}-{q}"))
+    return Dataset.from_dict(cols), info
+
+
+def test_source_grouped_batches_hold_every_row_once_and_one_document_at_a_time():
+    dataset, info = grouped_rows(n_sources=6, per_source=8, repeats=3)
+    sampler = embedder.SourceGroupedBatchSampler(dataset, 8, False, info=info, sources=1, seed=5)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 18
+    assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
+    for b in batches:
+        assert len(b) == 8 and len({info[i].source for i in b}) == 1  # in-batch negatives: the same document
+        texts = [t for i in b for t in (dataset[i]["anchor"], dataset[i]["positive"], dataset[i]["negative_1"])]
+        assert len(texts) == len(set(texts))  # no duplicates, so a question's repeats never share a batch
+    # The same order for the same seed and epoch, another one next epoch.
+    again = embedder.SourceGroupedBatchSampler(dataset, 8, False, info=info, sources=1, seed=5)
+    assert list(again) == batches
+    again.set_epoch(1)
+    assert list(again) != batches and sorted(i for b in again for i in b) == list(range(len(dataset)))
+
+    two = list(embedder.SourceGroupedBatchSampler(dataset, 8, False, info=info, sources=2, seed=5))
+    assert all(len({info[i].source for i in b}) == 2 for b in two)  # two documents open, 4 rows each
+
+
+def test_source_grouped_batches_keep_apart_a_row_whose_answer_another_rows_passage_holds():
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({
+        "anchor": ["when to plant?", "how deep?", "which variety?"],
+        "positive": ["Plant in March once rains start.", "Sow 5 cm deep.", "Hybrid H614, sown in March."],
+        "negative_1": ["Weed twice.", "Harvest dry cobs.", "Store in bags."]})
+    info = [embedder.RowInfo("maize.md", 0, "in march"), embedder.RowInfo("maize.md", 0, "5 cm"),
+            embedder.RowInfo("maize.md", 0, "h614")]
+    batches = list(embedder.SourceGroupedBatchSampler(dataset, 3, False, info=info, sources=1, seed=0))
+    # Row 2's passage holds row 0's answer: the two are never in one batch (it would be a false negative).
+    assert all(not {0, 2} <= set(b) for b in batches)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2]
+
+
+def test_training_with_source_grouped_batches_and_the_setting_checked(chunks, base_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from builder.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sources_per_batch"):
+        tiny_cfg("embedder.sources_per_batch=-1")
+    model = SentenceTransformer(str(base_model), device="cpu")
+    pairs, _ = datagen.question_pairs(cloze_questions(chunks, 24), chunks)
+    pairs += datagen.synthetic_pairs(chunks, per_chunk=1, limit=16, supervised={})
+    settings = embedder.train(model, pairs, chunks, tiny_cfg("embedder.sources_per_batch=1"), "cpu", tmp_path)
+    assert settings["batch_sampler"].startswith("source_grouped")
+    assert settings["steps"] >= -(-settings["train_rows"] // 16) and settings["loss_last"] is not None

@@ -53,7 +53,7 @@ def timed_steps(step, opt, device: str, warmup: int, steps: int) -> tuple[list[f
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return times, losses
 
 
@@ -136,9 +136,9 @@ def check_embedder(args, device: str) -> dict:
     from sentence_transformers import SentenceTransformer
 
     try:
-        from sentence_transformers.losses import MultipleNegativesRankingLoss
-    except ImportError:  # newer layouts
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     if args.small:
         import tempfile
