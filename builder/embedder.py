@@ -5,8 +5,9 @@
 2. ``builder.datagen.make_embedder_pairs`` makes (query, positive, hard negatives) pairs; a deterministic
    share (``embedder.eval_fraction``) is held out and every pair is written to ``data/embedder_pairs.jsonl``.
 3. SentenceTransformerTrainer trains with MultipleNegativesRankingLoss (the cached variant above
-   ``embedder.cached_loss_above`` pairs per batch) and a no-duplicates batch sampler, in bf16 autocast where
-   the hardware multiplies bf16 natively.
+   ``embedder.cached_loss_above`` pairs per batch) and a no-duplicates batch sampler (or, with
+   ``embedder.sources_per_batch``, batches filled from a few documents at a time), in bf16 autocast where the
+   hardware multiplies bf16 natively.
 4. An InformationRetrievalEvaluator over all chunks scores base and fine-tuned on the held-out pairs. The
    promotion gate ships the fine-tuned model only if its MRR@10 beats the base by more than
    ``embedder.min_gain``; otherwise the bundle keeps the base model and the manifest says why.
@@ -198,7 +199,7 @@ class SourceGroupedBatchSampler:
         # Answers are looked for in the passages (anchors are queries): normalized like the answers.
         self.norm = [tuple(datagen.normalize(t) for t in row[1:]) for row in self.texts]
         self.epoch = 0
-        self._plans: dict[int, list[list[int]]] = {}
+        self._planned: tuple[int, list[list[int]]] | None = None  # the last epoch planned, and its batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -230,8 +231,8 @@ class SourceGroupedBatchSampler:
             later.append(i)
 
     def _plan(self, epoch: int) -> list[list[int]]:
-        if epoch in self._plans:
-            return self._plans[epoch]
+        if self._planned and self._planned[0] == epoch:
+            return self._planned[1]
         rng = random.Random(f"{self.seed}:source-batches:{epoch}")
         groups: list[list[int]] = []
         for rep in sorted({r.repeat for r in self.info}):
@@ -270,7 +271,7 @@ class SourceGroupedBatchSampler:
                 batches.append(batch)
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        self._plans = {epoch: batches}
+        self._planned = (epoch, batches)
         return batches
 
 
@@ -362,8 +363,9 @@ def remine_round(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[
     """One more pass over the real questions, each with fresh hard negatives mined by the model just trained
     (its chunk embeddings ``ft_emb``, fused with BM25 as in the first mining). The first round's negatives were
     hard for the base model; these are the passages the fine-tuned one still confuses with the answer (on
-    COVID-QA its misses are mostly other passages of the right article). Trains ``model`` in place at ``embedder.remine_lr_scale`` times the
-    learning rate; returns the round's record and the chunks' new embeddings."""
+    COVID-QA its misses are mostly other passages of the right article). Trains ``model`` in place at
+    ``embedder.remine_lr_scale`` times the learning rate; returns the round's record and the chunks' new
+    embeddings."""
     import dataclasses
 
     questions = [dataclasses.replace(p, negatives=[]) for p in pairs if p.kind in datagen.SUPERVISED_KINDS]

