@@ -35,7 +35,7 @@ class IngestConfig:
 
 @dataclass
 class ChunkConfig:
-    max_tokens: int = _f(200, "Largest chunk, in embedder tokens; kept below the embedder's maximum input length.")
+    max_tokens: int = _f(250, "Largest chunk, in embedder tokens; kept below the embedder's maximum input length.")
     overlap_tokens: int = _f(40, "Tokens shared by consecutive chunks of one long section.")
     min_tokens: int = _f(12, "A trailing piece shorter than this is merged into its neighbour.")
 
@@ -108,6 +108,8 @@ class RetrievalConfig:
     bm25_stemmer: str = _f("english", "Snowball stemmer for BM25 tokens (PyStemmer language name; empty: none).")
     bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1.")
     bm25_b: float = _f(0.75, "BM25 length normalization b.")
+    bm25_bigrams: bool = _f(True, "Index a term per pair of neighbouring words as well (phrase matches count "
+                            "more); the queries are tokenized the same way.")
 
     def fusion_spec(self) -> str:
         from serving.retrieval import resolve_fusion
@@ -115,7 +117,8 @@ class RetrievalConfig:
         return resolve_fusion(self.fusion, self.rrf_k)
 
     def bm25_analyzer(self) -> dict:
-        return {"stemmer": self.bm25_stemmer or None, "k1": float(self.bm25_k1), "b": float(self.bm25_b)}
+        return {"stemmer": self.bm25_stemmer or None, "k1": float(self.bm25_k1), "b": float(self.bm25_b),
+                "bigrams": bool(self.bm25_bigrams)}
 
 
 @dataclass

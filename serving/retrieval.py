@@ -34,9 +34,12 @@ STOPWORDS = frozenset(
 ANALYZER_FILE = "analyzer.json"
 # How BM25 tokenizes and scores. Snowball English stemming lets "infected" match "infection"; k1/b are the
 # Lucene defaults. On COVID-QA's training questions (never used to pick embedder settings) stemming moved
-# BM25 recall@5 from 0.737 to 0.753 (BENCHMARKS.md). A bundle records its analyzer beside its BM25 index, and
-# one written before the analyzer existed (no file) is read with the settings it was built with.
-DEFAULT_ANALYZER = {"stemmer": "english", "k1": 1.2, "b": 0.75}
+# BM25 recall@5 from 0.737 to 0.753 (BENCHMARKS.md). Bigrams add a term per pair of neighbouring kept words
+# ("lactic_acid"), a cheap stand-in for phrase matching (sequential dependence, Metzler and Croft 2005): on
+# those 947 training questions they moved BM25 MRR@10 from 0.632 to 0.645 (BENCHMARKS.md, 2026-11-28). A bundle
+# records its analyzer beside its BM25 index; one written before the analyzer existed (no file) is read with the
+# settings it was built with, and one whose analyzer does not mention bigrams was built without them.
+DEFAULT_ANALYZER = {"stemmer": "english", "k1": 1.2, "b": 0.75, "bigrams": True}
 LEGACY_ANALYZER = {"stemmer": None, "k1": 1.5, "b": 0.75}
 
 
@@ -45,12 +48,16 @@ LEGACY_ANALYZER = {"stemmer": None, "k1": 1.5, "b": 0.75}
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 
 
-def bm25_tokenize(texts: Sequence[str], stemmer: str | None = None) -> list[list[str]]:
-    """Lower-cased word tokens without stop words, stemmed with the named Snowball stemmer when given."""
+def bm25_tokenize(texts: Sequence[str], stemmer: str | None = None, bigrams: bool = False) -> list[list[str]]:
+    """Lower-cased word tokens without stop words, stemmed with the named Snowball stemmer when given; with
+    ``bigrams`` each text's tokens are followed by one "first_second" term per pair of neighbouring tokens (stop
+    words already removed, so "gained favour in" and "gained favour" give the same pair)."""
     tokens = [[w for w in _WORD.findall(t.lower()) if w not in STOPWORDS] for t in texts]
     if stemmer:
         stem = _stemmer(stemmer).stemWords
         tokens = [stem(t) for t in tokens]
+    if bigrams:  # "_" never occurs inside a word token, so a pair cannot collide with a word
+        tokens = [t + [f"{u}_{v}" for u, v in zip(t, t[1:])] for t in tokens]
     return tokens
 
 
@@ -172,7 +179,7 @@ def fuse(dense: Sequence[Sequence[tuple[int, float]]], bm25: Sequence[Sequence[t
 class BM25Index:
     """bm25s over the chunk texts, with our tokenizer (so query and corpus are tokenized alike).
 
-    The analyzer (stemmer, k1, b) is saved beside the index, so queries are always tokenized as the corpus was."""
+    The analyzer (stemmer, k1, b, bigrams) is saved beside the index, so queries are always tokenized as the corpus was."""
 
     def __init__(self, retriever, n_docs: int, analyzer: dict | None = None):
         self._r = retriever
@@ -185,7 +192,7 @@ class BM25Index:
 
         analyzer = {**DEFAULT_ANALYZER, **(analyzer or {})}
         r = bm25s.BM25(k1=analyzer["k1"], b=analyzer["b"])
-        r.index(bm25_tokenize(texts, analyzer["stemmer"]), show_progress=False)
+        r.index(bm25_tokenize(texts, analyzer["stemmer"], analyzer.get("bigrams", False)), show_progress=False)
         return cls(r, len(texts), analyzer)
 
     def save(self, folder: Path) -> None:
@@ -202,7 +209,7 @@ class BM25Index:
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.n_docs)
-        tokens = bm25_tokenize(queries, self.analyzer.get("stemmer"))
+        tokens = bm25_tokenize(queries, self.analyzer.get("stemmer"), self.analyzer.get("bigrams", False))
         docs, scores = self._r.retrieve(tokens, k=k, show_progress=False, n_threads=1)
         return np.asarray(docs), np.asarray(scores)
 
