@@ -210,6 +210,37 @@ def test_a_bm25_index_saved_without_an_analyzer_is_read_unstemmed(tmp_path):
     assert ids[0][0] == 0 and scores[0][0] > 0
 
 
+def test_bm25_bigrams_pair_neighbouring_kept_words():
+    from serving.retrieval import bm25_tokenize
+
+    assert bm25_tokenize(["Lactic acid bacteria gained favour"], None, bigrams=True)[0] == [
+        "lactic", "acid", "bacteria", "gained", "favour",
+        "lactic_acid", "acid_bacteria", "bacteria_gained", "gained_favour"]
+    # stop words go first, so a pair can span one; stems pair up as stems
+    assert bm25_tokenize(["infected in the wards"], "english", bigrams=True)[0] == ["infect", "ward", "infect_ward"]
+    assert bm25_tokenize(["one"], None, bigrams=True)[0] == ["one"]
+    assert bm25_tokenize([""], None, bigrams=True)[0] == []
+
+
+def test_bm25_bigrams_rank_the_phrase_above_its_words_scattered(tmp_path):
+    texts = ["bacteria, acid and lactic salts",  # every word of the query, not as a phrase, and short
+             "fermented dairy products carry lactic acid bacteria of many kinds"]
+    query = ["Which lactic acid bacteria were found?"]
+    unigram = BM25Index.build(texts, {"bigrams": False})
+    assert unigram.search(query, 2)[0][0][0] == 0  # length normalization favours the short scattered one
+    bigram = BM25Index.build(texts)  # the default analyzer pairs words
+    assert bigram.analyzer["bigrams"] is True
+    assert bigram.search(query, 2)[0][0][0] == 1
+    bigram.save(tmp_path / "bm25")
+    again = BM25Index.load(tmp_path / "bm25", len(texts))
+    assert again.analyzer["bigrams"] is True and again.search(query, 2)[0][0][0] == 1
+    # an analyzer written before bigrams existed means none: queries get no pairs (here over a paired corpus,
+    # so the phrase bonus is gone and the short text wins again)
+    (tmp_path / "bm25" / "analyzer.json").write_text('{"stemmer": "english", "k1": 1.2, "b": 0.75}')
+    old = BM25Index.load(tmp_path / "bm25", len(texts))
+    assert not old.analyzer.get("bigrams") and old.search(query, 2)[0][0][0] == 0
+
+
 def test_evaluate_modes_matches_mode_by_mode_evaluation(retriever):
     from builder.evaluate import evaluate_modes
 
