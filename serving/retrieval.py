@@ -179,7 +179,8 @@ def fuse(dense: Sequence[Sequence[tuple[int, float]]], bm25: Sequence[Sequence[t
 class BM25Index:
     """bm25s over the chunk texts, with our tokenizer (so query and corpus are tokenized alike).
 
-    The analyzer (stemmer, k1, b, bigrams) is saved beside the index, so queries are always tokenized as the corpus was."""
+    The analyzer (stemmer, k1, b, bigrams) is saved beside the index, so queries are always tokenized as the
+    corpus was: both go through ``analyze``."""
 
     def __init__(self, retriever, n_docs: int, analyzer: dict | None = None):
         self._r = retriever
@@ -192,8 +193,13 @@ class BM25Index:
 
         analyzer = {**DEFAULT_ANALYZER, **(analyzer or {})}
         r = bm25s.BM25(k1=analyzer["k1"], b=analyzer["b"])
-        r.index(bm25_tokenize(texts, analyzer["stemmer"], analyzer.get("bigrams", False)), show_progress=False)
+        r.index(cls.analyze(texts, analyzer), show_progress=False)
         return cls(r, len(texts), analyzer)
+
+    @staticmethod
+    def analyze(texts: Sequence[str], analyzer: dict) -> list[list[str]]:
+        """The BM25 terms of ``texts`` under ``analyzer``; the one place index and queries are tokenized."""
+        return bm25_tokenize(texts, analyzer.get("stemmer"), bool(analyzer.get("bigrams", False)))
 
     def save(self, folder: Path) -> None:
         self._r.save(str(folder))
@@ -209,8 +215,8 @@ class BM25Index:
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.n_docs)
-        tokens = bm25_tokenize(queries, self.analyzer.get("stemmer"), self.analyzer.get("bigrams", False))
-        docs, scores = self._r.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        terms = self.analyze(queries, self.analyzer)
+        docs, scores = self._r.retrieve(terms, k=k, show_progress=False, n_threads=1)
         return np.asarray(docs), np.asarray(scores)
 
 
