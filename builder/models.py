@@ -126,29 +126,56 @@ def resolve_embedder(name: str) -> Path | str:
 
 # ----------------------------------------------------------------------------------------------- tiny models
 
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary chosen by counting, ties broken alphabetically: the special tokens, every
+    character (word-initial and "##" continuation), then the most frequent whole words. tokenizers'
+    WordPieceTrainer breaks ties between equally frequent merges in hash order, so two builds of one folder
+    got different vocabularies, different token counts and so different chunks; this one is the same every
+    time."""
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm, split = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in split.pre_tokenize_str(norm.normalize_str(text)))
+    firsts = sorted({w[0] for w in words})
+    rests = sorted({f"##{ch}" for w in words for ch in w[1:]})
+    vocab = list(dict.fromkeys(BERT_SPECIALS + firsts + rests))
+    known = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if len(word) > 1 and word not in known:
+            vocab.append(word)
+            known.add(word)
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
 def _train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     texts = list(texts)
-    if kind == "bpe":
+    if kind == "bpe":  # BPE training breaks ties by pair order, not hash order: the same vocabulary every time
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
         tok = Tokenizer(models.BPE(unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-    tok.train_from_iterator(texts, trainer=trainer)
-    if kind != "bpe":
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.train_from_iterator(texts, trainer=trainer)
+        return tok
+    tok = Tokenizer(models.WordPiece(vocab=_wordpiece_vocab(texts, vocab_size), unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return tok
 
 

@@ -279,3 +279,13 @@ def test_training_with_source_grouped_batches_and_the_setting_checked(chunks, ba
     settings = embedder.train(model, pairs, chunks, tiny_cfg("embedder.sources_per_batch=1"), "cpu", tmp_path)
     assert settings["batch_sampler"].startswith("source_grouped")
     assert settings["steps"] >= -(-settings["train_rows"] // 16) and settings["loss_last"] is not None
+
+
+def test_the_tiny_embedder_gets_the_same_vocabulary_on_every_build(chunks, tmp_path):
+    """Chunk boundaries are counted in the base embedder's tokens: a vocabulary that changed from build to
+    build (tokenizers' WordPiece trainer breaks ties in hash order) changed the chunks and their ids."""
+    texts = [c["text"] for c in chunks]
+    first = build_tiny_bert(texts, tmp_path / "a", seed=3)
+    second = build_tiny_bert(texts, tmp_path / "b", seed=3)
+    vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (first, second)]
+    assert vocab[0] == vocab[1] and "maize" in vocab[0]
