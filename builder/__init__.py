@@ -1,1 +1,1 @@
-__version__ = "0.1.0"
+"""The build stages: knowledge folder -> bundle. Imports only the shared core (``core``)."""

@@ -10,12 +10,12 @@ unchanged passage keeps its id across rebuilds.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from builder.config import ChunkConfig
 from builder.ingest import Block, Document
+from core.config import ChunkConfig
+from core.text import split_clauses
 
 
 @dataclass
@@ -33,13 +33,6 @@ class Chunk:
 
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
-
-_SENTENCE = re.compile(r"(?<=[.!?;:])\s+(?=[\"'(\[A-Z0-9-])|\n+")
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
-
 
 def make_chunk_id(source: str, text: str) -> str:
     return hashlib.sha256(f"{source}\n{text}".encode()).hexdigest()[:16]
@@ -85,7 +78,7 @@ def chunk_section(doc: Document, blocks: list[Block], cfg: ChunkConfig, count: T
     # Units: the sentences (or table rows) of each block, flagged where a block ends.
     units: list[tuple[str, bool]] = []  # (text, ends_paragraph)
     for block in blocks:
-        pieces = split_sentences(block.text) if block.kind == "text" else block.text.split("\n")
+        pieces = split_clauses(block.text) if block.kind == "text" else block.text.split("\n")
         pieces = [s for s in pieces if s.strip()]
         for i, s in enumerate(pieces):
             units.append((s, i == len(pieces) - 1))

@@ -2,7 +2,7 @@
 
 1. The base embedder embeds every chunk once; those embeddings mine hard negatives (with BM25) and score the
    base model before training.
-2. ``builder.datagen.make_embedder_pairs`` makes (query, positive, hard negatives) pairs; a deterministic
+2. ``builder.embedder_pairs.make_embedder_pairs`` makes (query, positive, hard negatives) pairs; a deterministic
    share (``embedder.eval_fraction``) is held out and every pair is written to ``data/embedder_pairs.jsonl``.
 3. SentenceTransformerTrainer trains with MultipleNegativesRankingLoss (the cached variant above
    ``embedder.cached_loss_above`` pairs per batch) and a no-duplicates batch sampler (or, with
@@ -17,9 +17,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
+import json
 import math
 import random
 import shutil
@@ -31,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from builder import datagen
-from builder.config import BuildConfig
-from builder.device import autocast_dtype
-from builder.log import say
+from builder import embedder_pairs
+from core.bundle import BASE_EMBEDDINGS_FILE, DATA_DIR, EMBEDDER_DIR, PAIRS_FILE
+from core.config import BuildConfig
+from core.device import autocast_dtype
+from core.hashing import ids_digest
+from core.log import say
+from core.retrieval import encode_texts
+from core.text import normalize
 
-PAIRS_FILE = "embedder_pairs.jsonl"
-BASE_EMBEDDINGS_FILE = "base_chunk_embeddings.npy"
 GATE_METRIC = "mrr@10"
 # The gate scores held-out real questions when there are enough of them to mean something; below that it
 # scores every held-out pair (questions and synthetic queries alike).
@@ -53,47 +54,25 @@ def copy_base(base: Path, out_dir: Path) -> None:
 
 def chunk_ids_digest(chunks: Sequence[dict]) -> str:
     """Ties cached chunk embeddings to the exact chunk list (and order) they were computed for."""
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c["chunk_id"].encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
-
-
-def _autocast(device: str):
-    import torch
-
-    dtype = autocast_dtype(device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-def encode_texts(model, texts: Sequence[str], device: str = "cpu", batch_size: int = 64,
-                 progress: bool = False) -> np.ndarray:
-    """Normalized float32 embeddings (computed under the same autocast as training)."""
-    with _autocast(device):
-        emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                           show_progress_bar=progress)
-    return np.asarray(emb, dtype=np.float32)
+    return ids_digest(c["chunk_id"] for c in chunks)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-def relevant_for_eval(pair: datagen.EmbedderPair, norm_texts: Sequence[str]) -> set[int]:
+def relevant_for_eval(pair: embedder_pairs.EmbedderPair, norm_texts: Sequence[str]) -> set[int]:
     """The pair's relevant chunks; for a cloze query also every chunk holding the sentence (overlaps)."""
     rel = set(pair.relevant) | {pair.positive}
     if pair.kind == "ict" and pair.answer:
-        needle = datagen.normalize(pair.answer)
+        needle = normalize(pair.answer)
         rel |= {i for i, t in enumerate(norm_texts) if needle in t}
     return rel
 
 
-def make_ir_evaluator(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], name: str):
+def make_ir_evaluator(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], name: str):
     """sentence-transformers' InformationRetrievalEvaluator over every chunk, for the given held-out pairs."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    norm_texts = [datagen.normalize(c["text"]) for c in chunks]
+    norm_texts = [normalize(c["text"]) for c in chunks]
     queries = {f"q{n}": p.query for n, p in enumerate(pairs)}
     relevant = {f"q{n}": {str(i) for i in relevant_for_eval(p, norm_texts)} for n, p in enumerate(pairs)}
     corpus = {str(i): c["text"] for i, c in enumerate(chunks)}
@@ -103,10 +82,12 @@ def make_ir_evaluator(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[di
 
 
 def run_ir_evaluator(evaluator, model, corpus_embeddings: np.ndarray, device: str) -> dict[str, float]:
-    """recall@1/5/10 (a relevant chunk in the top k), MRR@10 and nDCG@10, named as in builder.evaluate."""
+    """recall@1/5/10 (a relevant chunk in the top k), MRR@10 and nDCG@10, named as in builder.evaluate_retrieval (retrieval_metrics)."""
     import torch
 
-    with _autocast(device):
+    from core.device import autocast_context
+
+    with autocast_context(device):
         raw = evaluator(model, corpus_embeddings=torch.from_numpy(corpus_embeddings).to(model.device))
     picked: dict[str, float] = {}
     for ours, theirs in (("recall@1", "accuracy@1"), ("recall@5", "accuracy@5"), ("recall@10", "accuracy@10"),
@@ -141,24 +122,24 @@ class RowInfo:
     answer: str  # normalized answer text ("" when the pair has none)
 
 
-def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], n_negatives: int,
+def training_rows(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], n_negatives: int,
                   seed: int = 0, question_repeats: int = 1,
                   info: list[RowInfo] | None = None) -> dict[str, list[str]]:
     """Columns anchor, positive, negative_1..n. A question pair appears ``question_repeats`` times, each time with
     the next n of its mined negatives. Rows short of mined negatives are topped up with random chunks that do not
     answer the query, because every row needs the same number of columns. ``info``, when given, receives one
     ``RowInfo`` per row, in row order."""
-    norm_texts = [datagen.normalize(c["text"]) for c in chunks]
+    norm_texts = [normalize(c["text"]) for c in chunks]
     rows: list[tuple[str, str, list[str]]] = []
     width = n_negatives
     for p in pairs:
-        repeats = max(1, question_repeats) if p.kind in datagen.SUPERVISED_KINDS else 1
+        repeats = max(1, question_repeats) if p.kind in embedder_pairs.SUPERVISED_KINDS else 1
         for r in range(repeats):
             negs = list(p.negatives[r * n_negatives:(r + 1) * n_negatives])
             if len(negs) < n_negatives:
                 rng = random.Random(f"{seed}:fill:{r}:{p.query}")
                 blocked = set(p.relevant) | {p.positive} | set(negs)
-                needle = datagen.normalize(p.answer) if p.answer else ""
+                needle = normalize(p.answer) if p.answer else ""
                 pool = [i for i in range(len(chunks))
                         if i not in blocked and not (needle and needle in norm_texts[i])]
                 rng.shuffle(pool)
@@ -167,7 +148,7 @@ def training_rows(pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict],
             rows.append((p.query, p.text(chunks), [chunks[i]["text"] for i in negs]))
             if info is not None:
                 info.append(RowInfo(chunks[p.positive]["source"], r,
-                                    datagen.normalize(p.answer) if p.answer else ""))
+                                    normalize(p.answer) if p.answer else ""))
     columns: dict[str, list[str]] = {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}
     for j in range(width):
         columns[f"negative_{j + 1}"] = [r[2][j] for r in rows]
@@ -197,7 +178,7 @@ class SourceGroupedBatchSampler:
         columns = list(dataset.column_names)
         self.texts = [tuple(row) for row in zip(*(dataset[c] for c in columns))]
         # Answers are looked for in the passages (anchors are queries): normalized like the answers.
-        self.norm = [tuple(datagen.normalize(t) for t in row[1:]) for row in self.texts]
+        self.norm = [tuple(normalize(t) for t in row[1:]) for row in self.texts]
         self.epoch = 0
         self._planned: tuple[int, list[list[int]]] | None = None  # the last epoch planned, and its batches
 
@@ -275,7 +256,7 @@ class SourceGroupedBatchSampler:
         return batches
 
 
-def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], cfg: BuildConfig, device: str,
+def train(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], cfg: BuildConfig, device: str,
           work_dir: Path, epochs: float | None = None, learning_rate: float | None = None,
           question_repeats: int | None = None) -> dict:
     """Fine-tune ``model`` in place on the pairs; returns the resolved settings and the loss curve's ends.
@@ -358,7 +339,7 @@ def train(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], 
     }
 
 
-def remine_round(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[dict], ft_emb: np.ndarray,
+def remine_round(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], ft_emb: np.ndarray,
                  cfg: BuildConfig, device: str) -> tuple[dict, np.ndarray]:
     """One more pass over the real questions, each with fresh hard negatives mined by the model just trained
     (its chunk embeddings ``ft_emb``, fused with BM25 as in the first mining). The first round's negatives were
@@ -368,17 +349,17 @@ def remine_round(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[
     embeddings."""
     import dataclasses
 
-    questions = [dataclasses.replace(p, negatives=[]) for p in pairs if p.kind in datagen.SUPERVISED_KINDS]
+    questions = [dataclasses.replace(p, negatives=[]) for p in pairs if p.kind in embedder_pairs.SUPERVISED_KINDS]
     start = time.perf_counter()
-    ranker = datagen.BaseRanker(chunks, lambda qs: encode_texts(model, qs, device), ft_emb,
+    ranker = embedder_pairs.BaseRanker(chunks, lambda qs: encode_texts(model, qs, autocast_device=device), ft_emb,
                                 cfg.retrieval.bm25_analyzer())
-    dropped = datagen.mine_hard_negatives(questions, chunks, ranker, cfg.datagen.hard_negatives)
+    dropped = embedder_pairs.mine_hard_negatives(questions, chunks, ranker, cfg.datagen.hard_negatives)
     mine_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="embedder-remine-") as work:
         info = train(model, questions, chunks, cfg, device, Path(work), epochs=1.0, question_repeats=1,
                      learning_rate=cfg.embedder.learning_rate * cfg.embedder.remine_lr_scale)
     say(f"    embedding {len(chunks)} chunks with the re-trained embedder")
-    emb = encode_texts(model, [c["text"] for c in chunks], device, progress=True)
+    emb = encode_texts(model, [c["text"] for c in chunks], autocast_device=device, progress=True)
     return ({"pairs": len(questions), "false_negatives_dropped": dropped, "mine_seconds": round(mine_s, 1),
              "steps": info["steps"], "learning_rate": info["learning_rate"], "train_seconds": info["train_seconds"],
              "loss_first": info["loss_first"], "loss_last": info["loss_last"]}, emb)
@@ -386,9 +367,10 @@ def remine_round(model, pairs: Sequence[datagen.EmbedderPair], chunks: Sequence[
 
 # ----------------------------------------------------------------------------------------------- the stage
 
-def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[dict], out_dir: Path,
-        data_dir: Path, device: str = "cpu") -> dict:
-    """Write the bundle's embedder/ folder; return the manifest entry (decision, metrics, settings).
+def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[dict], bundle_dir: Path,
+        device: str = "cpu") -> dict:
+    """Write the (unfinished) bundle's embedder/ folder and its pairs in data/; return the manifest entry
+    (decision, metrics, settings).
 
     The entry's ``chunk_embeddings`` (the shipped model's embeddings of the chunks, in chunk order) is for the
     index stage to reuse and must be popped before the entry is written.
@@ -396,9 +378,10 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
     from sentence_transformers import SentenceTransformer
 
     base = Path(base)
+    out_dir, data_dir = Path(bundle_dir) / EMBEDDER_DIR, Path(bundle_dir) / DATA_DIR
     if not cfg.embedder.finetune:
         copy_base(base, out_dir)
-        return {"path": "embedder", "finetuned": False, "decision": "fine-tuning disabled (embedder.finetune=false)"}
+        return {"path": EMBEDDER_DIR, "finetuned": False, "decision": "fine-tuning disabled (embedder.finetune=false)"}
     data_dir.mkdir(parents=True, exist_ok=True)
     texts = [c["text"] for c in chunks]
     model = SentenceTransformer(str(base), device=device)
@@ -407,17 +390,17 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
         say(f"    warning: the longest chunk has {longest} tokens, over the embedder's {model.max_seq_length}")
 
     say(f"    embedding {len(texts)} chunks with the base embedder")
-    base_emb = encode_texts(model, texts, device, progress=True)
+    base_emb = encode_texts(model, texts, autocast_device=device, progress=True)
 
     def encode_queries(queries: Sequence[str]) -> np.ndarray:
-        return encode_texts(model, queries, device)
+        return encode_texts(model, queries, autocast_device=device)
 
-    pairs, stats = datagen.make_embedder_pairs(cfg, chunks, train_questions, encode_queries, base_emb, log=say)
-    train_pairs, held = datagen.split_pairs(pairs, cfg.embedder.eval_fraction, cfg.seed)
-    datagen.write_pairs(data_dir / PAIRS_FILE, train_pairs, held, chunks)
-    say(f"    {len(pairs)} pairs ({', '.join(f'{stats[k]} {k}' for k in datagen.KINDS if stats[k])}); "
+    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, train_questions, encode_queries, base_emb, log=say)
+    train_pairs, held = embedder_pairs.split_pairs(pairs, cfg.embedder.eval_fraction, cfg.seed)
+    embedder_pairs.write_pairs(Path(bundle_dir) / PAIRS_FILE, train_pairs, held, chunks)
+    say(f"    {len(pairs)} pairs ({', '.join(f'{stats[k]} {k}' for k in embedder_pairs.KINDS if stats[k])}); "
         f"{len(train_pairs)} train, {len(held)} held out; {stats['unmatched_questions']} questions matched no chunk")
-    info: dict = {"path": "embedder", "finetuned": False, "pairs_file": f"data/{PAIRS_FILE}", "data": stats}
+    info: dict = {"path": EMBEDDER_DIR, "finetuned": False, "pairs_file": PAIRS_FILE, "data": stats}
     if len(train_pairs) < 2 or not held:
         copy_base(base, out_dir)
         info["decision"] = (f"kept the base embedder: too few pairs to train and check ({len(train_pairs)} train, "
@@ -437,12 +420,12 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
     with tempfile.TemporaryDirectory(prefix="embedder-train-") as work:
         training = train(model, train_pairs, chunks, cfg, device, Path(work))
     say(f"    embedding {len(texts)} chunks with the fine-tuned embedder")
-    ft_emb = encode_texts(model, texts, device, progress=True)
+    ft_emb = encode_texts(model, texts, autocast_device=device, progress=True)
     after = {k: run_ir_evaluator(e, model, ft_emb, device) for k, e in evaluators.items()}
     say(f"    fine-tuned embedder on {gate_on}: " + _fmt(after[gate_key]))
     rounds = []
     # A round trains the real questions only; a folder without any has nothing to re-mine for.
-    wanted = cfg.embedder.remine_rounds if any(p.kind in datagen.SUPERVISED_KINDS for p in train_pairs) else 0
+    wanted = cfg.embedder.remine_rounds if any(p.kind in embedder_pairs.SUPERVISED_KINDS for p in train_pairs) else 0
     for n in range(1, wanted + 1):
         kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
         round_info, round_emb = remine_round(model, train_pairs, chunks, ft_emb, cfg, device)
@@ -466,8 +449,8 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
         if out_dir.exists():
             shutil.rmtree(out_dir)
         model.save(str(out_dir))
-        np.save(data_dir / BASE_EMBEDDINGS_FILE, base_emb)
-        info["base_chunk_embeddings"] = {"path": f"data/{BASE_EMBEDDINGS_FILE}", "chunks": len(chunks),
+        np.save(Path(bundle_dir) / BASE_EMBEDDINGS_FILE, base_emb)
+        info["base_chunk_embeddings"] = {"path": BASE_EMBEDDINGS_FILE, "chunks": len(chunks),
                                          "chunk_ids": chunk_ids_digest(chunks)}
     else:
         copy_base(base, out_dir)
@@ -483,11 +466,9 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
     return info
 
 
-def heldout_questions(data_dir: Path) -> list[dict]:
+def heldout_questions(bundle_dir: Path) -> list[dict]:
     """The real questions the embedder held out (never trained on), as question dicts, from the pairs file."""
-    import json
-
-    path = Path(data_dir) / PAIRS_FILE
+    path = Path(bundle_dir) / PAIRS_FILE
     if not path.exists():
         return []
     out = []

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.retrieval import BM25_DIR, CHUNKS_FILE, FAISS_FILE, SENTENCE_END, BM25Index, DenseIndex
-
-
-def embed_texts(model, texts: Sequence[str], batch_size: int = 64, show_progress: bool = True) -> np.ndarray:
-    return model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                        show_progress_bar=show_progress)
+from core.bundle import BM25_DIR, CHUNKS_FILE, EMBEDDER_DIR, FAISS_FILE, INDEX_DIR
+from core.retrieval import BM25Index, DenseIndex, encode_texts
+from core.text import split_header, split_sentences
 
 
 def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tuple[list[str], list[int]]:
@@ -25,10 +22,8 @@ def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tupl
     texts: list[str] = []
     owner: list[int] = []
     for pos, chunk in enumerate(chunks):
-        head, sep, body = chunk["text"].partition("\n")
-        if not sep:
-            head, body = "", head
-        sents = [s.strip() for s in SENTENCE_END.split(body) if s.strip()]
+        head, body = split_header(chunk["text"])
+        sents = split_sentences(body)
         if len(sents) <= size:
             continue
         starts = list(range(0, len(sents) - size + 1, stride))
@@ -41,33 +36,31 @@ def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tupl
     return texts, owner
 
 
-def run(chunks: list[dict], embedder_dir: Path, index_dir: Path, device: str = "cpu",
-        embeddings: np.ndarray | None = None, bm25_analyzer: dict | None = None, windows: int = 0,
-        window_stride: int = 1) -> dict:
-    """Write index_dir/{chunks.jsonl, dense.faiss (+ dense_owner.npy with windows), bm25/}; returns counts for
-    the manifest.
+def run(chunks: list[dict], bundle_dir: Path, device: str = "cpu", embeddings: np.ndarray | None = None,
+        bm25_analyzer: dict | None = None, windows: int = 0, window_stride: int = 1) -> dict:
+    """Write the (unfinished) bundle's index/{chunks.jsonl, dense.faiss (+ dense_owner.npy with windows), bm25/}
+    with the embedder in its embedder/; returns counts for the manifest.
 
-    ``embeddings`` (one row per chunk, from the embedder in embedder_dir) skips embedding the chunks again.
-    ``windows`` > 0 adds a vector per window of that many sentences (see ``sentence_windows``)."""
+    ``embeddings`` (one row per chunk, from that embedder) skips embedding the chunks again. ``windows`` > 0 adds
+    a vector per window of that many sentences (see ``sentence_windows``)."""
+    index_dir = Path(bundle_dir) / INDEX_DIR
     index_dir.mkdir(parents=True, exist_ok=True)
     model = None
     if embeddings is not None and len(embeddings) == len(chunks):
         emb = np.asarray(embeddings, dtype=np.float32)
     else:
-        model = load_embedder(embedder_dir, device)
-        emb = embed_texts(model, [c["text"] for c in chunks])
+        model = load_embedder(Path(bundle_dir) / EMBEDDER_DIR, device)
+        emb = encode_texts(model, [c["text"] for c in chunks], progress=True)
     owner = None
     n_windows = 0
     if windows:
         texts, win_owner = sentence_windows(chunks, windows, window_stride)
         n_windows = len(texts)
         if texts:
-            from builder.embedder import encode_texts
-
-            model = model or load_embedder(embedder_dir, device)
+            model = model or load_embedder(Path(bundle_dir) / EMBEDDER_DIR, device)
             print(f"    embedding {len(texts)} sentence windows ({windows} sentences, stride {window_stride})",
                   flush=True)
-            emb = np.concatenate([emb, encode_texts(model, texts, device, progress=True)])
+            emb = np.concatenate([emb, encode_texts(model, texts, autocast_device=device, progress=True)])
             owner = np.concatenate([np.arange(len(chunks)), np.asarray(win_owner)])
     DenseIndex.build(emb, owner).save(index_dir / FAISS_FILE)
     bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)

@@ -2,7 +2,7 @@
 
 Bad input never stops the build and is never silent: each bad file yields one ``{"path", "error"}`` entry.
 
-    python -c "from builder.ingest import run; from builder.config import IngestConfig; \
+    python -c "from builder.ingest import run; from core.config import IngestConfig; \
 print(run(IngestConfig(), 'knowledge').summary())"
 """
 
@@ -12,15 +12,14 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import stat
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.config import IngestConfig
+from core.config import IngestConfig
 
 TEXT_EXTENSIONS = {".md", ".markdown", ".txt", ".text", ".rst"}
 HTML_EXTENSIONS = {".html", ".htm"}
@@ -566,11 +565,3 @@ def run(cfg: IngestConfig, knowledge_dir: str | Path, log: Callable[[str], None]
         result.documents.append(doc)
         result.qa_pairs.extend(pairs)
     return result
-
-
-def result_to_jsonable(result: IngestResult) -> dict:
-    return {"documents": [asdict(d) for d in result.documents], "errors": result.errors}
-
-
-def is_readable_by_us(path: Path) -> bool:  # used by tests to know whether chmod 000 hides a file from us
-    return os.access(path, os.R_OK)

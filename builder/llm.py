@@ -2,16 +2,16 @@
 
 The stage, in order:
 
-1. chat examples (``builder.chatdata``) with contexts from the bundle's own retriever, written to
+1. chat examples (``builder.chat_examples``) with contexts from the bundle's own retriever, written to
    ``data/chat_train.jsonl``;
-2. LoRA training (``builder.train_llm``), in-process, or under ``accelerate launch`` when
+2. LoRA training (``builder.lora_trainer``), in-process, or under ``accelerate launch`` when
    ``llm.accelerate_config`` names a config; checkpoints live in ``OUT/.checkpoints/<key>`` (next to the
    bundles, outside the bundle's temporary folder, which a failed build deletes), keyed by the base model, the
    chat data and the settings, so running the same build again after a kill resumes from the last checkpoint;
 3. the adapter (with the tokenizer) in ``llm/adapter`` (the layout ``vllm --enable-lora`` loads), the loss
    curve in ``eval/loss.png``, and merged weights in ``llm/merged`` when ``llm.merge`` is set or serving will
    want them (``serve.use_merged`` yes, or auto without CUDA);
-4. the gate: base and fine-tuned answers on the held-out questions (``builder.answer_eval``); the adapter
+4. the gate: base and fine-tuned answers on the held-out questions (``builder.evaluate_answers``); the adapter
    ships only if its F1 beats the base model's by more than ``llm.min_gain``. Without held-out questions, a
    slice of the training questions is held back from training for the gate; without any, the adapter ships
    and the decision says that nothing measured it.
@@ -21,16 +21,37 @@ The stage, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from builder.config import BuildConfig, dumps
-from builder.log import say, step
+from builder import chat_examples, lora_trainer
+from builder.evaluate_answers import SYSTEMS, answers_cache_key, evaluate_answers, select_questions
+from builder.questions import split_questions
+from core.bundle import (
+    ADAPTER_DIR,
+    ANSWERS_FILE,
+    CHAT_FILE,
+    EMBEDDER_DIR,
+    INDEX_DIR,
+    LOSS_PLOT,
+    MERGED_DIR,
+    MERGED_W8A8_DIR,
+    ServedRetrieval,
+)
+from core.config import BuildConfig, dumps
+from core.device import cuda_available
+from core.focus import focus_for
+from core.hashing import file_sha256, folder_sha256
+from core.hf_engine import load_tokenizer, merge_adapter
+from core.log import say, step
+from core.retrieval import Retriever
 
 ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
 # When nothing is held out, this share of the training questions (at least GATE_MIN, at most GATE_MAX: the gate
@@ -43,25 +64,15 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
     """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry."""
     if not cfg.llm.finetune:
         return {"adapter": None, "merged": None, "decision": "fine-tuning disabled (llm.finetune=false)"}
-    from builder import chatdata
-    from builder.answer_eval import (
-        ANSWERS_FILE,
-        SYSTEMS,
-        _settings_key,
-        evaluate_answers,
-        question_digest,
-        select_questions,
-    )
-    from builder.train_llm import load_tokenizer
-    from serving.focus import focus_for
-
     bundle_dir = Path(bundle_dir)
     base = str(base)
     retriever = load_retriever(bundle_dir, cfg, retrieval_mode)
     gate_questions, train_questions, gate_from = split_gate(heldout, train_questions, cfg.seed)
 
     requested = cfg.llm.max_steps
-    cfg.llm.max_steps = training_steps(cfg.llm, len(train_questions))
+    # The steps this folder trains for; the caller's config is left as it was asked for.
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, max_steps=training_steps(cfg.llm,
+                                                                                           len(train_questions))))
     if cfg.llm.max_steps != requested:
         say(f"    {cfg.llm.max_steps} LoRA steps for {len(train_questions)} supervised questions "
             f"(llm.steps_per_question {cfg.llm.steps_per_question:g}, cap {cfg.llm.steps_cap or 'none'})")
@@ -71,38 +82,37 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
         return len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
 
     with step("chat examples"):
-        rows = chatdata.build_chat_data(cfg, chunks, train_questions, retriever,
-                                        bundle_dir / "data" / "chat_train.jsonl", count=count, log=say)
-        data_info = chatdata.summarize(rows)
+        rows = chat_examples.build_chat_data(cfg, chunks, train_questions, retriever, bundle_dir / CHAT_FILE,
+                                             count=count, log=say)
+        data_info = chat_examples.summarize(rows)
         say(f"    {data_info['examples']} examples {data_info['by_origin']}, "
             f"{data_info['gold_absent']} without the answer")
     if not rows:
         return {"adapter": None, "merged": None, "data": data_info,
                 "decision": "no chat examples could be made (no question is answered by any chunk)"}
 
-    work = checkpoint_dir(bundle_dir.parent, cfg, base, bundle_dir / "data" / "chat_train.jsonl")
+    work = checkpoint_dir(bundle_dir.parent, cfg, base, bundle_dir / CHAT_FILE)
     with step(f"LoRA training ({cfg.llm.max_steps} steps; checkpoints in {work})"):
-        result = train(cfg, base, bundle_dir / "data" / "chat_train.jsonl", work, device)
-    adapter_dir = bundle_dir / "llm" / "adapter"
+        result = train(cfg, base, bundle_dir / CHAT_FILE, work, device)
+    adapter_dir = bundle_dir / ADAPTER_DIR
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    shutil.copytree(work / "final", adapter_dir)
-    plot_loss(result.get("loss_curve", []), bundle_dir / "eval" / "loss.png",
+    shutil.copytree(work / lora_trainer.FINAL, adapter_dir)
+    plot_loss(result.get("loss_curve", []), bundle_dir / LOSS_PLOT,
               title=f"LoRA r={cfg.llm.lora_r}, {result['steps']} steps, {result['examples']} examples")
     training = {k: v for k, v in result.items() if k != "loss_curve"}
 
     merged_dir = None
-    if wants_merged(cfg):
-        from builder.answer_eval import merge_adapter
-
-        with step("merging the adapter into full weights (llm/merged)"):
-            merged_dir = merge_adapter(base, str(adapter_dir), bundle_dir / "llm" / "merged")
+    cuda = cuda_available()
+    if wants_merged(cfg, cuda):
+        with step(f"merging the adapter into full weights ({MERGED_DIR})"):
+            merged_dir = merge_adapter(base, str(adapter_dir), bundle_dir / MERGED_DIR)
     int8_dir = None
-    if merged_dir and wants_w8a8(cfg):
-        from builder.quantize import quantize_checkpoint
+    if merged_dir and cfg.serve.writes_int8(cuda):
+        from builder.quantize import quantize_checkpoint  # imports torch at module level
 
-        with step("int8 weights for serving on the CPU (llm/merged-w8a8)"):
-            int8_dir = quantize_checkpoint(merged_dir, bundle_dir / "llm" / "merged-w8a8")
+        with step(f"int8 weights for serving on the CPU ({MERGED_W8A8_DIR})"):
+            int8_dir = quantize_checkpoint(merged_dir, bundle_dir / MERGED_W8A8_DIR)
 
     report: dict = {}
     if gate_questions:
@@ -125,16 +135,16 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions:
     if report and gate_from == "held-out split":
         # `assistant eval` on the same questions reads this instead of generating again.
         cached = {k: v for k, v in report.items() if k != "finetuned" or ship}
-        key = question_digest(picked, _settings_key(cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg)))
+        key = answers_cache_key(picked, cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg))
         (bundle_dir / ANSWERS_FILE).write_text(json.dumps({"key": key, "report": cached}, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)  # the adapter is in the bundle now
     metrics = {s: report[s] for s in SYSTEMS if s in report}
     if metrics:
         metrics["questions_from"] = gate_from  # type: ignore[assignment]
-    return {"adapter": "llm/adapter" if ship else None,
-            "merged": "llm/merged" if ship and merged_dir else None,
-            "merged_w8a8": "llm/merged-w8a8" if ship and int8_dir else None,
-            "decision": decision, "metrics": metrics, "training": training, "data": data_info,
+    return {"adapter": ADAPTER_DIR if ship else None,
+            "merged": MERGED_DIR if ship and merged_dir else None,
+            "merged_w8a8": MERGED_W8A8_DIR if ship and int8_dir else None,
+            "max_steps": cfg.llm.max_steps, "decision": decision, "metrics": metrics, "training": training, "data": data_info,
             "examples": report.get("examples", [])[:3]}
 
 
@@ -143,8 +153,6 @@ def split_gate(heldout: list[dict], train_questions: list[dict], seed: int) -> t
     if heldout:
         return heldout, train_questions, "held-out split"
     if len(train_questions) >= GATE_MIN * 3:
-        from builder.datagen import split_questions
-
         train, gate_q = split_questions(train_questions, GATE_SLICE, seed + 101)
         if len(gate_q) >= GATE_MIN:
             train += gate_q[GATE_MAX:]  # beyond the cap they are worth more as training data
@@ -168,11 +176,9 @@ def gate(report: dict, min_gain: float, gate_from: str, n_questions: int) -> tup
                    f"(gain {gain:+.3f} <= llm.min_gain {min_gain}); the bundle serves the base model")
 
 
-def wants_merged(cfg: BuildConfig) -> bool:
-    from builder.device import cuda_available
-
-    choice = str(cfg.serve.use_merged).lower()
-    return bool(cfg.llm.merge) or choice in ("yes", "true", "1") or (choice == "auto" and not cuda_available())
+def wants_merged(cfg: BuildConfig, cuda: bool) -> bool:
+    """Write merged weights: asked for (llm.merge), or what serving on this machine will want."""
+    return bool(cfg.llm.merge) or cfg.serve.writes_merged(cuda)
 
 
 def passage_budgets(cfg: BuildConfig) -> tuple[int, int]:
@@ -180,54 +186,24 @@ def passage_budgets(cfg: BuildConfig) -> tuple[int, int]:
     return cfg.retrieval.first_passage_tokens, cfg.retrieval.passage_tokens
 
 
-def wants_w8a8(cfg: BuildConfig) -> bool:
-    """Write int8 merged weights? 'auto': when the merged weights are for a CPU (no CUDA here)."""
-    from builder.device import cuda_available
-
-    choice = str(cfg.serve.quantize).lower()
-    return choice == "w8a8" or (choice == "auto" and not cuda_available())
-
-
 def training_steps(llm, supervised_questions: int) -> int:
     """LoRA steps: ``max_steps``, raised to ``steps_per_question`` per supervised question, at most ``steps_cap``
     (which never cuts below ``max_steps``)."""
-    import math
-
     want = math.ceil(llm.steps_per_question * supervised_questions) if llm.steps_per_question > 0 else 0
     if llm.steps_cap:
         want = min(want, llm.steps_cap)
     return max(int(llm.max_steps), want)
 
 
-def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None):
-    """The unfinished bundle's own retriever (its embedder and index), in the mode serving will use."""
-    from sentence_transformers import SentenceTransformer
-
-    from serving.retrieval import (
-        BM25_DIR,
-        FAISS_FILE,
-        BM25Index,
-        DenseIndex,
-        Retriever,
-        load_chunks,
-        st_encoder,
-    )
-
-    idx = bundle_dir / "index"
-    chunks = load_chunks(idx)
-    mode = mode or (cfg.retrieval.mode if cfg.retrieval.mode != "auto" else "hybrid")
-    model = SentenceTransformer(str(bundle_dir / "embedder"), device="cpu")
-    return Retriever(chunks, st_encoder(model), DenseIndex.load(idx / FAISS_FILE),
-                     BM25Index.load(idx / BM25_DIR, len(chunks)), mode=mode,
-                     candidates=cfg.retrieval.candidates, rrf_k=cfg.retrieval.rrf_k,
-                     fusion=cfg.retrieval.fusion_spec(), passage_gap=cfg.retrieval.passage_gap)
+def load_retriever(bundle_dir: Path, cfg: BuildConfig, mode: str | None = None) -> Retriever:
+    """The unfinished bundle's own retriever (its embedder and index), ranking as serving will."""
+    return Retriever.from_index(Path(bundle_dir) / INDEX_DIR, Path(bundle_dir) / EMBEDDER_DIR,
+                                ServedRetrieval.from_config(cfg.retrieval, mode))
 
 
 def checkpoint_dir(out_dir: Path, cfg: BuildConfig, base: str, data: Path) -> Path:
     """OUT/.checkpoints/<key>: the key hashes the base model's files, the chat data and the training settings,
     so only the same run resumes from it."""
-    from builder.models import file_sha256, folder_sha256
-
     h = hashlib.sha256()
     h.update(folder_sha256(Path(base)).encode() if Path(base).is_dir() else base.encode())
     h.update(file_sha256(data).encode())
@@ -251,19 +227,14 @@ def accelerate_config_path(name: str) -> Path:
 
 
 def train(cfg: BuildConfig, base: str, data: Path, work: Path, device: str) -> dict:
-    """In-process training, or ``accelerate launch -m builder.train_llm`` when llm.accelerate_config is set."""
+    """In-process training, or ``accelerate launch -m builder.lora_trainer`` when llm.accelerate_config is set."""
     name = getattr(cfg.llm, "accelerate_config", "")
     if not name:
-        from builder.train_llm import train as train_in_process
-
-        return train_in_process(cfg, base, data, work, device=device)
-    from builder.train_llm import FINAL, RESULT
+        return lora_trainer.train(cfg, base, data, work, device=device)
+    import yaml
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(dumps(cfg))
-    import math
-
-    import yaml
 
     config_path = accelerate_config_path(name)
     launch = yaml.safe_load(config_path.read_text()) or {}
@@ -273,15 +244,15 @@ def train(cfg: BuildConfig, base: str, data: Path, work: Path, device: str) -> d
         micro = max(1, min(cfg.llm.micro_batch_size, cfg.llm.batch_size))
         world = int(launch.get("num_processes", 1))
         cmd += ["--gradient_accumulation_steps", str(max(1, math.ceil(cfg.llm.batch_size / (micro * world))))]
-    cmd += ["-m", "builder.train_llm", "--data", str(data), "--base", base, "--work", str(work),
+    cmd += ["-m", "builder.lora_trainer", "--data", str(data), "--base", base, "--work", str(work),
             "--config", str(work / "config.json")]
     say("    " + " ".join(cmd))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     subprocess.run(cmd, check=True, env=env)
-    if not (work / FINAL / "adapter_config.json").is_file():
-        raise RuntimeError(f"accelerate launch finished without an adapter in {work / FINAL}")
-    return json.loads((work / RESULT).read_text())
+    if not (work / lora_trainer.FINAL / "adapter_config.json").is_file():
+        raise RuntimeError(f"accelerate launch finished without an adapter in {work / lora_trainer.FINAL}")
+    return json.loads((work / lora_trainer.RESULT).read_text())
 
 
 def plot_loss(curve: list, out: Path, title: str = "LoRA training loss") -> Path | None:

@@ -5,20 +5,33 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from builder import chunk as chunk_stage
-from builder import datagen, embedder, index, ingest, llm
-from builder.bundle import BundleWriter, make_bundle_id, now_iso, version
-from builder.config import BuildConfig, dumps
-from builder.device import get_device, set_threads
-from builder.evaluate import evaluate_modes
-from builder.log import check_interrupted, say, step
-from builder.models import build_tiny_bert, build_tiny_llama, folder_sha256, resolve_embedder, resolve_llm
+from builder import embedder, index, ingest, llm
+from builder.evaluate_retrieval import evaluate_modes
+from builder.questions import qa_to_dict, read_questions, split_questions
+from core.bundle import (
+    EMBEDDER_DIR,
+    HELDOUT_FILE,
+    LLM_BASE_REF,
+    METRICS_FILE,
+    TINY_EMBEDDER_DIR,
+    TINY_LLM_DIR,
+    BundleWriter,
+    ServedRetrieval,
+    make_bundle_id,
+    make_manifest,
+)
+from core.config import BuildConfig, dumps, parse_fusion
+from core.device import get_device, set_threads
+from core.hashing import folder_sha256
+from core.log import check_interrupted, say, step
+from core.models import build_tiny_bert, build_tiny_llama, resolve_embedder, resolve_llm
 
 
 class NothingToIngest(RuntimeError):
@@ -52,23 +65,24 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         raise NothingToIngest(
             f"nothing to ingest in {knowledge_dir}: {len(res.errors)} files failed, {len(res.skipped)} "
             f"unsupported. Supported: .md .txt .html .pdf .docx .csv *.qa.jsonl")
-    extra_train = datagen.read_questions(questions_file) if questions_file else []
+    extra_train = read_questions(questions_file) if questions_file else []
 
-    config_json = dumps(cfg)
-    bundle_id = make_bundle_id(knowledge_dir, [f["sha256"] or "" for f in res.files], config_json)
+    # The id names what was asked for; the manifest records the config as it ran (the choices made on the way).
+    bundle_id = make_bundle_id(knowledge_dir, [f["sha256"] or "" for f in res.files], dumps(cfg))
+    ran = copy.deepcopy(cfg)
     writer = BundleWriter(Path(out_dir), bundle_id)
     try:
-        qa = [datagen.qa_to_dict(p) for p in res.qa_pairs]
-        qa_train, qa_held = datagen.split_questions(qa, cfg.datagen.holdout_fraction, cfg.seed)
+        qa = [qa_to_dict(p) for p in res.qa_pairs]
+        qa_train, qa_held = split_questions(qa, cfg.datagen.holdout_fraction, cfg.seed)
         documents = _drop_heldout_blocks(res.documents, {q["question"] for q in qa_held})
         train_questions = qa_train + extra_train
-        writer.write_jsonl("eval/heldout.jsonl", qa_held)
+        writer.write_jsonl(HELDOUT_FILE, qa_held)
         corpus = [d.text for d in documents]
 
         # Base embedder: the tiny one is random and built here, so it travels in the bundle.
         if cfg.embedder.base_model == "tiny":
-            base_emb = build_tiny_bert(corpus, writer.path("embedder-base"), seed=cfg.seed)
-            base_emb_ref = {"name": "tiny", "path": "embedder-base"}
+            base_emb = build_tiny_bert(corpus, writer.path(TINY_EMBEDDER_DIR), seed=cfg.seed)
+            base_emb_ref = {"name": "tiny", "path": TINY_EMBEDDER_DIR}
         else:
             base_emb = Path(resolve_embedder(cfg.embedder.base_model))
             base_emb_ref = {"name": cfg.embedder.base_model, "path": str(base_emb)}
@@ -82,16 +96,15 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         say(f"    {len(chunks)} chunks, at most {max(c['n_tokens'] for c in chunks)} tokens")
 
         with step("embedder") as s:
-            emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.path("embedder"),
-                                    writer.path("data"), device=device)
+            emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.tmp, device=device)
             chunk_embeddings = emb_info.pop("chunk_embeddings", None)  # reused by the index, not in the manifest
         timing["embedder_s"] = s["seconds"]
         base_emb_ref["sha256"] = folder_sha256(Path(base_emb))
         emb_info["base"] = base_emb_ref
-        emb_info["sha256"] = folder_sha256(writer.path("embedder"))
+        emb_info["sha256"] = folder_sha256(writer.path(EMBEDDER_DIR))
 
         with step("index") as s:
-            index_info = index.run(chunks, writer.path("embedder"), writer.path("index"), device=device,
+            index_info = index.run(chunks, writer.tmp, device=device,
                                    embeddings=chunk_embeddings, bm25_analyzer=cfg.retrieval.bm25_analyzer(),
                                    windows=cfg.retrieval.sentence_windows,
                                    window_stride=cfg.retrieval.window_stride)
@@ -99,24 +112,30 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
 
         with step("evaluate retrieval") as s:
             # Without held-out FAQ pairs, the questions the embedder held out choose the retrieval mode.
-            mode_questions = qa_held or embedder.heldout_questions(writer.path("data"))
-            retrieval_metrics, mode = _evaluate_retrieval(cfg, writer, mode_questions)
+            mode_questions = qa_held or embedder.heldout_questions(writer.tmp)
+            retrieval_metrics, mode, fusion = _evaluate_retrieval(cfg, writer, mode_questions)
+            ran.retrieval.fusion = fusion
+            name, param = parse_fusion(fusion)
+            if name == "rrf":
+                ran.retrieval.rrf_k = int(param)
             retrieval_metrics["questions_from"] = ("knowledge held-out split" if qa_held else  # type: ignore[assignment]
                                                    "embedder held-out questions" if mode_questions else "none")
         timing["eval_retrieval_s"] = s["seconds"]
 
         with step("llm") as s:
             if cfg.llm.base_model == "tiny":
-                base_llm = build_tiny_llama(corpus, writer.path("llm", "base"), seed=cfg.seed)
-                llm_ref = {"name": "tiny", "path": "llm/base"}
+                base_llm = build_tiny_llama(corpus, writer.path(TINY_LLM_DIR), seed=cfg.seed)
+                llm_ref = {"name": "tiny", "path": TINY_LLM_DIR}
             else:
                 base_llm = resolve_llm(cfg.llm.base_model)
                 llm_ref = {"name": cfg.llm.base_model, "path": str(base_llm)}
             if Path(str(base_llm)).is_dir():
                 llm_ref["sha256"] = folder_sha256(Path(base_llm))
-            writer.write_json("llm/base.json", llm_ref)
-            llm_info = llm.run(cfg, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device,
+            writer.write_json(LLM_BASE_REF, llm_ref)
+            # The LLM stage retrieves with the chosen fusion, exactly as serving will.
+            llm_info = llm.run(ran, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device,
                                retrieval_mode=mode)
+            ran.llm.max_steps = llm_info.pop("max_steps", ran.llm.max_steps)
         timing["llm_s"] = s["seconds"]
         llm_info["base"] = llm_ref
         for key in ("adapter", "merged"):
@@ -126,31 +145,17 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
 
         metrics = {"retrieval": retrieval_metrics, **({"answers": llm_info.pop("metrics")}
                                                       if "metrics" in llm_info else {})}
-        writer.write_json("eval/metrics.json", metrics)
-        manifest = {
-            "bundle_id": bundle_id,
-            "created_at": now_iso(),
-            "builder_version": version(),
-            "profile": cfg.profile,
-            "config": json.loads(config_json),
-            "knowledge": {"root": str(knowledge_dir.resolve()), "files": res.files,
-                          "documents": len(res.documents), "qa_pairs": len(res.qa_pairs)},
-            "models": {"embedder": emb_info, "llm": llm_info},
-            "retrieval": {"mode": mode, "top_k": cfg.retrieval.top_k, "candidates": cfg.retrieval.candidates,
-                          "rrf_k": cfg.retrieval.rrf_k, "fusion": cfg.retrieval.fusion_spec(),
-                          "passage_gap": cfg.retrieval.passage_gap,
-                          "first_passage_tokens": cfg.retrieval.first_passage_tokens,
-                          "passage_tokens": cfg.retrieval.passage_tokens},
-            "index": index_info,
-            "data": {"train_questions": len(train_questions), "heldout_questions": len(qa_held),
-                     "extra_questions": len(extra_train), "chunks": len(chunks),
-                     "max_chunk_tokens": max(c["n_tokens"] for c in chunks)},
-            "errors": res.errors,
-            "warnings": res.warnings,
-            "skipped": res.skipped,
-            "metrics": metrics,
-            "timing": timing,
-        }
+        writer.write_json(METRICS_FILE, metrics)
+        manifest = make_manifest(
+            bundle_id=bundle_id, config=ran, retrieval=ServedRetrieval.from_config(ran.retrieval, mode),
+            knowledge={"root": str(knowledge_dir.resolve()), "files": res.files,
+                       "documents": len(res.documents), "qa_pairs": len(res.qa_pairs)},
+            models={"embedder": emb_info, "llm": llm_info},
+            index=index_info,
+            data={"train_questions": len(train_questions), "heldout_questions": len(qa_held),
+                  "extra_questions": len(extra_train), "chunks": len(chunks),
+                  "max_chunk_tokens": max(c["n_tokens"] for c in chunks)},
+            errors=res.errors, warnings=res.warnings, skipped=res.skipped, metrics=metrics, timing=timing)
         check_interrupted()  # a Ctrl-C, even one swallowed on the way, never lets the bundle land
         path = writer.commit(manifest)
     except BaseException:
@@ -160,19 +165,17 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
     return path
 
 
-def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]) -> tuple[dict, str]:
-    """Metrics for BM25, dense and hybrid on the held-out questions; 'auto' picks the best by MRR@10, and for
-    hybrid also the fusion among RRF at each of ``retrieval.rrf_k_choices`` and z-score fusion at each of
-    ``retrieval.zscore_weight_choices`` (written back to ``cfg.retrieval.fusion``, so the LLM stage retrieves
-    exactly as serving will)."""
-    from serving.retrieval import parse_fusion
-
+def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]) -> tuple[dict, str, str]:
+    """Metrics for BM25, dense and hybrid on the held-out questions, the mode to serve and the hybrid fusion.
+    'auto' picks the mode by MRR@10, and the fusion among RRF at each of ``retrieval.rrf_k_choices`` and
+    z-score fusion at each of ``retrieval.zscore_weight_choices``; otherwise the configured fusion stays."""
     rcfg = cfg.retrieval
     retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")  # the unfinished bundle's own
+    configured = rcfg.fusion_spec()
+    fusion = configured
     metrics: dict[str, dict] = {}
     if held:
         auto = rcfg.mode == "auto"
-        configured = rcfg.fusion_spec()
         fusions = [configured] + ([f"rrf:{int(k)}" for k in rcfg.rrf_k_choices]
                                   + [f"zscore:{float(w):g}" for w in rcfg.zscore_weight_choices] if auto else [])
         by_mode = evaluate_modes(retriever, held, fusions)
@@ -183,14 +186,11 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
         metrics["hybrid"] = by_fusion[best]
         if auto:
             metrics["hybrid_by_fusion"] = {f: m["mrr@10"] for f, m in by_fusion.items()}  # type: ignore[assignment]
-            rcfg.fusion = best
-            name, param = parse_fusion(best)
-            if name == "rrf":
-                rcfg.rrf_k = int(param)
+            fusion = best
     chosen = choose_retrieval_mode(metrics, rcfg.mode)
     metrics["served_mode"] = chosen  # type: ignore[assignment]
-    metrics["fusion"] = rcfg.fusion_spec()  # type: ignore[assignment]
-    return metrics, chosen
+    metrics["fusion"] = fusion  # type: ignore[assignment]
+    return metrics, chosen, fusion
 
 
 def choose_retrieval_mode(metrics: dict[str, dict], requested: str) -> str:

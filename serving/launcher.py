@@ -16,8 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from serving.bundle import Bundle
-from serving.settings import GatewaySettings, ServedModel, served_model_name
+from core.bundle import Bundle
+from core.device import get_device
+from core.vllm_engine import VLLMError, plan_vllm
+from serving.settings import GatewaySettings, ServedModel
 
 
 class _Terminated(Exception):
@@ -54,10 +56,10 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 7860, vllm_po
     import uvicorn
 
     from serving.api import create_app
-    from serving.vllm_server import VLLMError, VLLMServer, plan_vllm
+    from serving.vllm_server import VLLMServer
 
     b = Bundle.load(bundle)
-    name = served_model_name(b)
+    name = b.served_model_name
     busy = [p for p in ([port] + ([vllm_port] if use_vllm else [])) if not port_free(host, p)]
     if busy:
         print(f"error: port {', '.join(map(str, busy))} on {host} is already in use; choose another with "
@@ -74,9 +76,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 7860, vllm_po
         _say(f"==> serving bundle {b.bundle_id} ({b.path}) as model '{name}'")
         vllm_url = f"http://{local_host(host)}:{vllm_port}"
         if use_vllm:
-            from builder.device import get_device
-
-            device = get_device(b.manifest.get("config", {}).get("device", "auto"))
+            device = get_device(b.config.device)
             plan = plan_vllm(b, host=host, port=vllm_port, api_key=api_key, device=device, extra_args=vllm_args)
             log_path = Path(vllm_log or f"logs/vllm-{vllm_port}.log")
             server = VLLMServer(plan.argv, plan.env, log_path, vllm_url, api_key)

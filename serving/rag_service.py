@@ -21,12 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.bundle import Bundle
-from serving.citations import CitationGrounder, ground_citations
-from serving.focus import PassageFocus, bundle_focus
-from serving.prompting import build_messages, parse_citations
+from core.bundle import Bundle
+from core.citations import CitationGrounder, ground_citations
+from core.focus import PassageFocus, bundle_focus
+from core.prompting import build_messages, parse_citations
+from core.retrieval import RetrievalResult, Retriever
+from core.text import STOPWORDS
 from serving.protocol import Source, Usage
-from serving.retrieval import STOPWORDS, RetrievalResult, Retriever
 from serving.settings import GatewaySettings, ServedModel
 
 # --------------------------------------------------------------------------------------------- errors
@@ -232,9 +233,9 @@ class LocalUpstream:
 
     def _load(self, model: str):
         if model not in self._models:
-            from serving.local import load_generator
+            from serving.local_assistant import bundle_generator
 
-            self._models[model] = load_generator(self.bundles[model])
+            self._models[model] = bundle_generator(self.bundles[model])
         return self._models[model]
 
     async def stream(self, model: str, messages: list[dict], params: dict) -> AsyncIterator[tuple[str, Any]]:
@@ -367,7 +368,7 @@ class RagService:
         assistants = []
         for served in settings.models:
             bundle = Bundle.load(served.bundle_dir)
-            retriever = Retriever.load(bundle.path, device=settings.retrieval_device)
+            retriever = Retriever.load(bundle, device=settings.retrieval_device)
             focus = bundle_focus(bundle, retriever)
             assistants.append(Assistant(served, bundle, retriever, example_questions(bundle), focus))
         if upstream is None:

@@ -48,16 +48,16 @@ class GatewaySettings:
     def from_env(cls) -> GatewaySettings:
         """ASSISTANT_BUNDLE (one or more, separated by ':'), ASSISTANT_VLLM_URL, ASSISTANT_VLLM_API_KEY,
         ASSISTANT_API_KEY, ASSISTANT_MODEL_NAME, ASSISTANT_UPSTREAM_MODEL, ASSISTANT_GROUND_CITATIONS (0: off)."""
-        from builder.device import get_device
-        from serving.bundle import Bundle
-        from serving.vllm_server import choose_weights
+        from core.bundle import Bundle
+        from core.device import get_device
+        from core.vllm_engine import choose_weights
 
         raw = os.environ.get("ASSISTANT_BUNDLE", "bundles")
         models: list[ServedModel] = []
         for path in [p for p in raw.split(os.pathsep) if p]:
             bundle = Bundle.load(path)
             first = not models
-            name = (os.environ.get("ASSISTANT_MODEL_NAME") if first else None) or served_model_name(bundle)
+            name = (os.environ.get("ASSISTANT_MODEL_NAME") if first else None) or bundle.served_model_name
             if any(m.name == name for m in models):
                 raise ValueError(f"two bundles are served as {name!r}; give them distinct serve.served_model_name")
             upstream = (os.environ.get("ASSISTANT_UPSTREAM_MODEL") if first else None) or name
@@ -68,8 +68,3 @@ class GatewaySettings:
         return cls(models=models, vllm_base_url=os.environ.get("ASSISTANT_VLLM_URL", cls.vllm_base_url),
                    vllm_api_key=os.environ.get("ASSISTANT_VLLM_API_KEY") or key, api_key=key,
                    ground_citations=os.environ.get("ASSISTANT_GROUND_CITATIONS", "1").lower() not in ("0", "false", "no"))
-
-
-def served_model_name(bundle) -> str:
-    """The name a bundle is served under (config serve.served_model_name, 'assistant' by default)."""
-    return str(bundle.manifest.get("config", {}).get("serve", {}).get("served_model_name") or "assistant")

@@ -26,8 +26,8 @@ def output_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny-profile bundle built from knowledge/ (random tiny models, seconds)."""
-    from builder.config import load_config
     from builder.pipeline import build
+    from core.config import load_config
 
     out = tmp_path_factory.mktemp("bundles")
     return build(load_config("tiny"), KNOWLEDGE, out)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.bundle import REQUIRED_KEYS
+from core.bundle import REQUIRED_KEYS
 from tests.docs_factory import make_pdf
 
 REPO = Path(__file__).resolve().parent.parent
-ASSISTANT = [sys.executable, "-m", "builder.cli"]
+ASSISTANT = [sys.executable, "-m", "assistant"]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
     windows = manifest["index"]["sentence_windows"]
     assert windows["size"] == 2 and windows["count"] > 0
     assert manifest["index"]["vectors"] == len(chunks) + windows["count"]
-    from serving.retrieval import Retriever
+    from core.retrieval import Retriever
 
     dense = Retriever.load(tiny_bundle).dense
     assert dense.index.ntotal == manifest["index"]["vectors"] and dense.n_chunks == len(chunks)
@@ -52,7 +52,7 @@ def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
 
 
 def test_auto_mode_serves_the_fusion_with_the_best_held_out_mrr(tiny_bundle):
-    from serving.retrieval import Retriever
+    from core.retrieval import Retriever
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     tried = manifest["metrics"]["retrieval"]["hybrid_by_fusion"]
@@ -60,7 +60,7 @@ def test_auto_mode_serves_the_fusion_with_the_best_held_out_mrr(tiny_bundle):
     served = manifest["retrieval"]["fusion"]
     assert tried[served] == max(tried.values())
     assert manifest["metrics"]["retrieval"]["hybrid"]["mrr@10"] == tried[served]
-    assert Retriever.load(tiny_bundle).fusion_spec == served
+    assert Retriever.load(tiny_bundle).fusion == served
 
 
 def test_heldout_faq_questions_are_not_indexed(tiny_bundle):
@@ -171,7 +171,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_a_swallowed_ctrl_c_still_stops_the_build_at_the_next_stage():
-    from builder import log
+    from core import log
 
     log._interrupted.clear()
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 
 from builder.chunk import run as chunk
-from builder.config import ChunkConfig
 from builder.ingest import Block, Document
+from core.config import ChunkConfig
 
 
 def word_counter(texts):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.citations import CitationGrounder, ground_citations
-from serving.prompting import REFUSAL
+from core.citations import CitationGrounder, ground_citations
+from core.prompting import REFUSAL
 
 PASSAGES = [
     {"text": "Beans > Planting\nSow beans at the start of the long rains, 10 cm apart in rows."},

@@ -6,8 +6,8 @@ from importlib import resources
 
 import pytest
 
-from builder.cli import make_parser
-from builder.config import PROFILES, ConfigError, describe_fields, load_config
+from assistant.cli import make_parser
+from core.config import PROFILES, ConfigError, describe_fields, load_config
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -19,7 +19,7 @@ def test_every_shipped_profile_loads_and_validates(profile):
 
 
 def test_profile_files_match_the_profile_list():
-    shipped = sorted(p.name[:-5] for p in resources.files("builder").joinpath("profiles").iterdir()
+    shipped = sorted(p.name[:-5] for p in resources.files("core").joinpath("profiles").iterdir()
                      if p.name.endswith(".yaml"))
     assert shipped == sorted(PROFILES)
 

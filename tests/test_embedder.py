@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from builder import chunk as chunk_stage
-from builder import datagen, embedder, ingest
-from builder.config import ChunkConfig, IngestConfig, load_config
-from builder.models import build_tiny_bert, file_sha256
+from builder import embedder, embedder_pairs, ingest
+from core.config import ChunkConfig, IngestConfig, load_config
+from core.hashing import file_sha256
+from core.models import build_tiny_bert
+from core.text import normalize
 
 KNOWLEDGE = Path(__file__).resolve().parent.parent / "knowledge"
 
@@ -54,22 +56,22 @@ def tiny_cfg(*overrides: str):
 
 def test_gate_keeps_the_base_embedder_when_training_learns_nothing(chunks, base_model, tmp_path):
     cfg = tiny_cfg("embedder.learning_rate=0")
-    info = embedder.run(cfg, base_model, chunks, [], tmp_path / "embedder", tmp_path / "data")
+    info = embedder.run(cfg, base_model, chunks, [], tmp_path)
     assert info["finetuned"] is False
     assert info["decision"].startswith("kept the base embedder")
     assert info["gate"]["finetuned"]["mrr@10"] == pytest.approx(info["gate"]["base"]["mrr@10"], abs=1e-6)
     assert same_model(tmp_path / "embedder", base_model)
     assert info["training"]["steps"] > 0 and info["training"]["learning_rate"] == 0
-    rows = [json.loads(line) for line in (tmp_path / "data" / embedder.PAIRS_FILE).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / embedder.PAIRS_FILE).read_text().splitlines()]
     assert {r["split"] for r in rows} == {"train", "eval"}
     assert info["data"]["pairs"] == len(rows)
     assert "chunk_embeddings" in info and len(info["chunk_embeddings"]) == len(chunks)
-    assert not (tmp_path / "data" / embedder.BASE_EMBEDDINGS_FILE).exists()  # only kept when a new model ships
+    assert not (tmp_path / embedder.BASE_EMBEDDINGS_FILE).exists()  # only kept when a new model ships
 
 
 def test_gate_keeps_the_base_when_the_gain_is_below_min_gain(chunks, base_model, tmp_path):
     cfg = tiny_cfg("embedder.learning_rate=1e-3", "embedder.min_gain=1.0")  # MRR cannot rise by a whole point
-    info = embedder.run(cfg, base_model, chunks, [], tmp_path / "embedder", tmp_path / "data")
+    info = embedder.run(cfg, base_model, chunks, [], tmp_path)
     assert info["finetuned"] is False and "min_gain 1.0" in info["decision"]
     assert info["training"]["loss_first"] is not None
     assert same_model(tmp_path / "embedder", base_model)
@@ -81,7 +83,7 @@ def test_training_moves_the_weights_with_mnrl_and_no_duplicate_batches(chunks, b
 
     model = SentenceTransformer(str(base_model), device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    pairs = datagen.synthetic_pairs(chunks, per_chunk=1, limit=40, supervised={})
+    pairs = embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=40, supervised={})
     settings = embedder.train(model, pairs, chunks, tiny_cfg("embedder.learning_rate=1e-3"), "cpu", tmp_path)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) > len(before) // 2
@@ -95,13 +97,13 @@ def test_large_batches_use_the_cached_loss(chunks, base_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(base_model), device="cpu")
-    pairs = datagen.synthetic_pairs(chunks, per_chunk=1, limit=12, supervised={})
+    pairs = embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=12, supervised={})
     cfg = tiny_cfg("embedder.batch_size=8", "embedder.cached_loss_above=4")
     assert embedder.train(model, pairs, chunks, cfg, "cpu", tmp_path)["loss"] == "CachedMultipleNegativesRankingLoss"
 
 
 def test_rows_get_the_same_number_of_negatives_and_none_holds_the_answer(chunks):
-    pairs, _ = datagen.question_pairs([{"question": "How deep should I plant maize seed?", "answer": "5 cm",
+    pairs, _ = embedder_pairs.question_pairs([{"question": "How deep should I plant maize seed?", "answer": "5 cm",
                                         "source": "maize.md"}], chunks)
     columns = embedder.training_rows(pairs, chunks, n_negatives=3, seed=0)
     assert list(columns) == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
@@ -109,9 +111,9 @@ def test_rows_get_the_same_number_of_negatives_and_none_holds_the_answer(chunks)
 
 
 def test_question_pairs_repeat_with_a_fresh_negative_while_synthetic_pairs_appear_once(chunks):
-    question = datagen.EmbedderPair("How deep should I plant maize?", 0, "question", [0], answer="5 cm",
+    question = embedder_pairs.EmbedderPair("How deep should I plant maize?", 0, "question", [0], answer="5 cm",
                                     negatives=[3, 4, 5])
-    cloze = datagen.EmbedderPair("A sentence from chunk one.", 1, "ict", [1], negatives=[6])
+    cloze = embedder_pairs.EmbedderPair("A sentence from chunk one.", 1, "ict", [1], negatives=[6])
     columns = embedder.training_rows([question, cloze], chunks, n_negatives=1, question_repeats=3)
     assert columns["anchor"] == [question.query] * 3 + [cloze.query]
     assert columns["negative_1"] == [chunks[i]["text"] for i in (3, 4, 5, 6)]
@@ -128,15 +130,15 @@ def test_promotion_decision_needs_a_gain_above_min_gain():
 
 
 def test_finetune_off_copies_the_base_and_says_so(chunks, base_model, tmp_path):
-    info = embedder.run(tiny_cfg("embedder.finetune=false"), base_model, chunks, [], tmp_path / "e", tmp_path / "d")
+    info = embedder.run(tiny_cfg("embedder.finetune=false"), base_model, chunks, [], tmp_path)
     assert info["finetuned"] is False and "disabled" in info["decision"]
-    assert same_model(tmp_path / "e", base_model)
+    assert same_model(tmp_path / "embedder", base_model)
 
 
 def test_training_precision_follows_the_environment_override(monkeypatch):
     import torch
 
-    from builder.device import autocast_dtype
+    from core.device import autocast_dtype
 
     monkeypatch.setenv("ASSISTANT_AUTOCAST", "off")
     assert autocast_dtype("cpu") is None
@@ -166,9 +168,9 @@ def test_a_remined_round_trains_the_questions_on_negatives_the_trained_model_ran
     from sentence_transformers import SentenceTransformer
 
     questions = cloze_questions(chunks, 40)  # 3 batches of 16: the first trains at 0 (linear warmup)
-    pairs, unmatched = datagen.question_pairs(questions, chunks)
+    pairs, unmatched = embedder_pairs.question_pairs(questions, chunks)
     assert len(pairs) > 32 and not unmatched
-    cloze = datagen.synthetic_pairs(chunks, per_chunk=1, limit=4, supervised={})
+    cloze = embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=4, supervised={})
     model = SentenceTransformer(str(base_model), device="cpu")
     emb = embedder.encode_texts(model, [c["text"] for c in chunks])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -180,13 +182,13 @@ def test_a_remined_round_trains_the_questions_on_negatives_the_trained_model_ran
     assert new_emb.shape == emb.shape and not np.allclose(new_emb, emb)
     assert all(len(p.negatives) == 0 for p in pairs)  # the caller's pairs keep their first-round negatives
     # What it mined: the trained model's best-ranked chunks that neither are the answer's chunk nor hold it.
-    ranker = datagen.BaseRanker(chunks, lambda qs: embedder.encode_texts(model, qs), new_emb)
-    probe = [datagen.EmbedderPair(p.query, p.positive, p.kind, p.relevant, answer=p.answer, exact=p.exact)
+    ranker = embedder_pairs.BaseRanker(chunks, lambda qs: embedder.encode_texts(model, qs), new_emb)
+    probe = [embedder_pairs.EmbedderPair(p.query, p.positive, p.kind, p.relevant, answer=p.answer, exact=p.exact)
              for p in pairs]
-    datagen.mine_hard_negatives(probe, chunks, ranker, 1)
+    embedder_pairs.mine_hard_negatives(probe, chunks, ranker, 1)
     for p in probe:
         assert p.negatives and p.negatives[0] not in set(p.relevant) | {p.positive}
-        assert datagen.normalize(p.answer) not in datagen.normalize(chunks[p.negatives[0]]["text"])
+        assert normalize(p.answer) not in normalize(chunks[p.negatives[0]]["text"])
 
 
 def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chunks, base_model, tmp_path):
@@ -194,7 +196,7 @@ def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chun
 
     questions = cloze_questions(chunks, 40)
     cfg = tiny_cfg("embedder.learning_rate=1e-3", "embedder.remine_rounds=2", "embedder.remine_lr_scale=0")
-    info = embedder.run(cfg, base_model, chunks, questions, tmp_path / "embedder", tmp_path / "data")
+    info = embedder.run(cfg, base_model, chunks, questions, tmp_path)
     rounds = info["training"]["remine"]
     assert len(rounds) == 1 and rounds[0]["kept"] is False  # learning rate 0: no gain, undone, no second round
     assert rounds[0]["heldout"]["mrr@10"] == pytest.approx(info["gate"]["finetuned"]["mrr@10"], abs=1e-6)
@@ -206,11 +208,11 @@ def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chun
 
 def test_remine_settings_must_not_be_negative_and_a_folder_without_questions_skips_the_rounds(chunks, base_model,
                                                                                                tmp_path):
-    from builder.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises(ConfigError, match="remine"):
         tiny_cfg("embedder.remine_rounds=-1")
-    info = embedder.run(tiny_cfg("embedder.remine_rounds=1"), base_model, chunks, [], tmp_path / "e", tmp_path / "d")
+    info = embedder.run(tiny_cfg("embedder.remine_rounds=1"), base_model, chunks, [], tmp_path)
     assert info["data"]["question"] == 0 and "remine" not in info["training"]
 
 
@@ -269,13 +271,13 @@ def test_source_grouped_batches_keep_apart_a_row_whose_answer_another_rows_passa
 def test_training_with_source_grouped_batches_and_the_setting_checked(chunks, base_model, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from builder.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises(ConfigError, match="sources_per_batch"):
         tiny_cfg("embedder.sources_per_batch=-1")
     model = SentenceTransformer(str(base_model), device="cpu")
-    pairs, _ = datagen.question_pairs(cloze_questions(chunks, 24), chunks)
-    pairs += datagen.synthetic_pairs(chunks, per_chunk=1, limit=16, supervised={})
+    pairs, _ = embedder_pairs.question_pairs(cloze_questions(chunks, 24), chunks)
+    pairs += embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=16, supervised={})
     settings = embedder.train(model, pairs, chunks, tiny_cfg("embedder.sources_per_batch=1"), "cpu", tmp_path)
     assert settings["batch_sampler"].startswith("source_grouped")
     assert settings["steps"] >= -(-settings["train_rows"] // 16) and settings["loss_last"] is not None

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from builder.config import ConfigError, load_config
-from serving.bundle import Bundle
-from serving.focus import GAP, PassageFocus
+from core.bundle import Bundle
+from core.config import ConfigError, load_config
+from core.focus import GAP, PassageFocus
 
 CORPUS = [
     "Maize\nMaize is planted at the start of the long rains. Maize needs nitrogen.",
@@ -113,9 +113,9 @@ def test_the_built_bundle_records_its_budgets(tiny_bundle):
 
 
 def test_the_answer_evaluation_prompts_with_cut_passages_and_scores_citations_on_whole_ones(tiny_bundle, monkeypatch):
-    from builder import answer_eval
-    from builder.config import config_from_dict
-    from serving.retrieval import Retriever
+    from builder import evaluate_answers
+    from core.config import config_from_dict
+    from core.retrieval import Retriever
 
     bundle = Bundle.load(tiny_bundle)
     cfg = config_from_dict(bundle.manifest["config"])
@@ -130,12 +130,12 @@ def test_the_answer_evaluation_prompts_with_cut_passages_and_scores_citations_on
         return {name: {"texts": ["the answer [1]"] * len(b), "seconds": 1.0, "tokens": len(b)}
                 for name, b in batches.items()}, "fake"
 
-    monkeypatch.setattr(answer_eval, "generate_answers", fake_generate)
-    report = answer_eval.evaluate_answers(retriever, questions, 3, "unused", cfg, systems=("base",), focus=focus)
-    contexts = answer_eval.retrieve_contexts(retriever, questions, 3)
+    monkeypatch.setattr(evaluate_answers, "generate_answers", fake_generate)
+    report = evaluate_answers.evaluate_answers(retriever, questions, 3, "unused", cfg, systems=("base",), focus=focus)
+    contexts = evaluate_answers.retrieve_contexts(retriever, questions, 3)
     for q, conversation, passages in zip(questions, seen["base"], contexts):
         user = conversation[-1]["content"]
         for p in focus.apply(q["question"], passages):
             assert p["text"] in user and words(p["text"]) <= 6
-    expected = answer_eval.score(["the answer [1]"] * len(questions), questions, contexts, None)
+    expected = evaluate_answers.score(["the answer [1]"] * len(questions), questions, contexts, None)
     assert report["base"]["citation_accuracy_model"] == expected["citation_accuracy_model"]

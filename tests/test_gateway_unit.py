@@ -12,8 +12,8 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from core.prompting import SYSTEM_PROMPT
 from serving.api import create_app
-from serving.prompting import SYSTEM_PROMPT
 from serving.rag_service import RagService, is_follow_up, retrieval_query
 from serving.settings import GatewaySettings, ServedModel
 from serving.ui import chat_handler

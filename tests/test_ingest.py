@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.config import IngestConfig
 from builder.ingest import run as ingest
+from core.config import IngestConfig
 from tests.docs_factory import make_blank_pdf, make_docx, make_encrypted_pdf, make_pdf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_unreadable_file_is_reported(tmp_path):
     secret = root / "secret.md"
     secret.write_text("# Secret\n\nNobody may read this file.\n")
     secret.chmod(0)
-    code = ("import json, sys; from builder.config import IngestConfig; from builder.ingest import run; "
+    code = ("import json, sys; from core.config import IngestConfig; from builder.ingest import run; "
             "r = run(IngestConfig(), sys.argv[1], log=lambda m: None); "
             "print(json.dumps({'errors': r.errors, 'docs': [d.source for d in r.documents]}))")
     cmd = [sys.executable, "-c", code, str(root)]

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from builder import chatdata, llm
-from builder.config import ConfigError, load_config
-from builder.train_llm import (
+from builder import chat_examples, llm
+from builder.lora_trainer import (
     FINAL,
     RESULT,
     Collator,
     encode_example,
     last_checkpoint,
-    load_tokenizer,
     make_trainer,
     masked_lm_loss,
     train,
 )
-from serving.prompting import build_messages
+from core.config import ConfigError, load_config
+from core.hf_engine import load_tokenizer
+from core.prompting import build_messages
 
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = [f"Section {i}. The cooperative pays {i * 3} shillings per kilo of grade {i} coffee cherry in season {i}. "
@@ -47,12 +47,12 @@ def _examples(n: int = 24) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> dict:
     """A random 2-layer Llama and a chat data file (seconds)."""
-    from builder.models import build_tiny_llama
+    from core.models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny-llm")
     base = build_tiny_llama(TEXTS + [m["content"] for r in _examples() for m in r["messages"]], root / "base",
                             seed=0, vocab_size=600)
-    data = chatdata.write_examples(_examples(), root / "chat_train.jsonl")
+    data = chat_examples.write_examples(_examples(), root / "chat_train.jsonl")
     return {"base": base, "data": data, "root": root}
 
 
@@ -156,7 +156,7 @@ def test_a_finished_run_is_not_trained_again(tiny_llm, trained):
 
 
 def _train_cmd(tiny_llm, work: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "builder.train_llm", "--data", str(tiny_llm["data"]), "--base",
+    return [sys.executable, "-m", "builder.lora_trainer", "--data", str(tiny_llm["data"]), "--base",
             str(tiny_llm["base"]), "--work", str(work), "--profile", "tiny", "--no-progress",
             "--set", "llm.max_seq_len=512", *[a for o in overrides for a in ("--set", o)]]
 
@@ -165,8 +165,8 @@ def _train_cmd(tiny_llm, work: Path, *overrides: str) -> list[str]:
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(tiny_llm, tmp_path):
     work = tmp_path / "run"
     settings = ("llm.max_steps=8", "llm.checkpoint_every=2")
-    env = dict(os.environ, ASSISTANT_TRAIN_STEP_DELAY="0.5")
-    proc = subprocess.Popen(_train_cmd(tiny_llm, work, *settings), cwd=REPO, env=env,
+    slowed = [sys.executable, "-m", "tests.slow_lora_trainer", "0.5", *_train_cmd(tiny_llm, work, *settings)[3:]]
+    proc = subprocess.Popen(slowed, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -205,7 +205,7 @@ def test_training_runs_on_two_processes_under_accelerate_launch(tiny_llm, tmp_pa
 @pytest.mark.integration
 def test_adapter_loads_into_vllm_and_changes_the_output(tiny_llm, trained):
     pytest.importorskip("vllm")
-    from builder.answer_eval import generate_vllm
+    from builder.evaluate_answers import generate_vllm
 
     convs = [r["messages"][:-1] for r in _examples(4)]
     # Batches of one group run as one call and are split back in order: "few" is the first two of "base".
@@ -244,31 +244,26 @@ def test_training_questions_are_held_back_for_the_gate_only_when_nothing_else_is
     assert llm.split_gate([], qs[:8], 1) == ([], qs[:8], "none")
 
 
-def test_merged_weights_follow_the_serving_choice(monkeypatch):
-    import builder.device
-
-    monkeypatch.setattr(builder.device, "cuda_available", lambda: False)
-    assert llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto"]))
-    assert not llm.wants_merged(load_config("tiny", None, ["serve.use_merged=no"]))
-    monkeypatch.setattr(builder.device, "cuda_available", lambda: True)
-    assert not llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto"]))
-    assert llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto", "llm.merge=true"]))
+def test_merged_weights_follow_the_serving_choice():
+    assert llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto"]), cuda=False)
+    assert not llm.wants_merged(load_config("tiny", None, ["serve.use_merged=no"]), cuda=False)
+    assert not llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto"]), cuda=True)
+    assert llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto", "llm.merge=true"]), cuda=True)
 
 
-def test_int8_weights_are_written_for_a_cpu_unless_quantize_is_none(monkeypatch):
-    import builder.device
+def test_int8_weights_are_written_for_a_cpu_unless_quantize_is_none():
+    def wants_w8a8(cfg, cuda):
+        return cfg.serve.writes_int8(cuda)
 
-    monkeypatch.setattr(builder.device, "cuda_available", lambda: False)
-    assert llm.wants_w8a8(load_config("tiny")) and not llm.wants_w8a8(load_config("tiny", None, ["serve.quantize=none"]))
-    monkeypatch.setattr(builder.device, "cuda_available", lambda: True)
-    assert not llm.wants_w8a8(load_config("tiny")) and llm.wants_w8a8(load_config("tiny", None, ["serve.quantize=w8a8"]))
+    assert wants_w8a8(load_config("tiny"), False) and not wants_w8a8(load_config("tiny", None, ["serve.quantize=none"]), False)
+    assert not wants_w8a8(load_config("tiny"), True) and wants_w8a8(load_config("tiny", None, ["serve.quantize=w8a8"]), True)
     with pytest.raises(ConfigError, match="serve.quantize"):
         load_config("tiny", None, ["serve.quantize=int4"])
 
 
 def test_checkpoint_key_changes_with_the_data_and_settings_but_not_the_gate(tiny_llm, tmp_path):
     data2 = tmp_path / "other.jsonl"
-    chatdata.write_examples(_examples(5), data2)
+    chat_examples.write_examples(_examples(5), data2)
     key = llm.checkpoint_dir(tmp_path, _cfg(), str(tiny_llm["base"]), tiny_llm["data"])
     assert key == llm.checkpoint_dir(tmp_path, _cfg("llm.min_gain=0.5"), str(tiny_llm["base"]), tiny_llm["data"])
     assert key != llm.checkpoint_dir(tmp_path, _cfg("llm.lora_r=8"), str(tiny_llm["base"]), tiny_llm["data"])
@@ -292,7 +287,8 @@ def test_every_shipped_accelerate_config_loads():
 @pytest.mark.integration
 def test_llm_stage_writes_the_adapter_loss_curve_chat_data_and_manifest_entry(tiny_bundle_copy):
     from builder.datagen import read_questions
-    from serving.retrieval import load_chunks
+
+    from core.retrieval import load_chunks
 
     bundle = tiny_bundle_copy
     for sub in ("adapter", "merged"):
@@ -309,14 +305,14 @@ def test_llm_stage_writes_the_adapter_loss_curve_chat_data_and_manifest_entry(ti
     assert (bundle / "llm" / "adapter" / "adapter_model.safetensors").is_file()
     assert (bundle / "llm" / "merged" / "config.json").is_file()
     assert (bundle / "eval" / "loss.png").stat().st_size > 1000
-    rows = chatdata.read_examples(bundle / "data" / "chat_train.jsonl")
+    rows = chat_examples.read_examples(bundle / "data" / "chat_train.jsonl")
     assert rows and all(r["messages"][-1]["role"] == "assistant" for r in rows)
     assert not (bundle.parent / ".checkpoints").exists() or not any((bundle.parent / ".checkpoints").iterdir())
 
 
 def test_training_steps_grow_with_supervision_within_the_cap():
-    from builder.config import LLMConfig
     from builder.llm import training_steps
+    from core.config import LLMConfig
 
     llm = LLMConfig(max_steps=48, steps_per_question=0.1, steps_cap=96)
     assert training_steps(llm, 100) == 48          # a small FAQ: the floor

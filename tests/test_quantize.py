@@ -18,7 +18,7 @@ KNOWLEDGE = Path(__file__).resolve().parent.parent / "knowledge"
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from builder.models import build_tiny_llama
+    from core.models import build_tiny_llama
 
     texts = [p.read_text(errors="replace") for p in sorted(KNOWLEDGE.rglob("*.md"))[:10]]
     return build_tiny_llama(texts, tmp_path_factory.mktemp("llama") / "model")
@@ -69,8 +69,8 @@ def test_vllm_generates_from_the_int8_checkpoint(tiny_llama, tmp_path):
     """vLLM's compressed-tensors loader takes the checkpoint (int8 tensors could not load into float layers, so
     an answer means the int8 kernels ran)."""
     pytest.importorskip("vllm")
-    from builder.answer_eval import generate_vllm
-    from builder.config import load_config
+    from builder.evaluate_answers import generate_vllm
+    from core.config import load_config
 
     out = quantize_checkpoint(tiny_llama, tmp_path / "w8a8")
     convs = [[{"role": "user", "content": "When should maize be planted?"}],

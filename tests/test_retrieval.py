@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.evaluate import evaluate_retriever, relevant_chunks, retrieval_metrics, retrieval_report
-from serving.bundle import Bundle
-from serving.retrieval import BM25Index, DenseIndex, Retriever, rrf_fuse
+from builder.evaluate_retrieval import evaluate_retriever, retrieval_metrics, retrieval_report
+from core.bundle import Bundle, BundleError
+from core.gold import GoldMatcher
+from core.retrieval import BM25Index, DenseIndex, Retriever, rrf_fuse
 
 VOCAB = ["k0", "k1", "k2", "k3", "k4", "k5"]
 
@@ -98,13 +99,13 @@ def test_questions_without_relevant_chunks_are_left_out_of_the_average():
 
 
 def test_relevance_is_answer_in_a_chunk_of_the_source_else_the_whole_source():
-    assert relevant_chunks(QUESTIONS[2], CHUNKS) == {1, 5}
+    assert GoldMatcher(CHUNKS).relevant(QUESTIONS[2]) == {1, 5}
     paraphrase = {"question": "when?", "answer": "in the sixth month", "source": "doc2.md"}
-    assert relevant_chunks(paraphrase, CHUNKS) == {1, 5}
+    assert GoldMatcher(CHUNKS).relevant(paraphrase) == {1, 5}
     other_doc = {"question": "q", "answer": "sunrise", "source": "a.md"}
-    assert relevant_chunks(other_doc, CHUNKS) == {0}  # the answer sits in d.md, which is not the source
+    assert GoldMatcher(CHUNKS).relevant(other_doc) == {0}  # the answer sits in d.md, which is not the source
     unsourced = {"question": "q", "answer": "HARVEST in june", "source": None}
-    assert relevant_chunks(unsourced, CHUNKS) == {1, 5}
+    assert GoldMatcher(CHUNKS).relevant(unsourced) == {1, 5}
 
 
 def test_hybrid_fuses_the_dense_and_bm25_rankings(retriever):
@@ -112,7 +113,7 @@ def test_hybrid_fuses_the_dense_and_bm25_rankings(retriever):
     dense = [p for p, _ in retriever.rank(["k0 sunrise"], 6, mode="dense")[0]]
     bm25 = [p for p, _ in retriever.rank(["k0 sunrise"], 6, mode="bm25")[0]]
     hybrid = retriever.rank(["k0 sunrise"], 3, mode="hybrid")[0]
-    assert hybrid == rrf_fuse([dense, bm25], k=retriever.rrf_k, limit=3)
+    assert hybrid == rrf_fuse([dense, bm25], k=60, limit=3)  # the default fusion, rrf:60
     assert hybrid[0][0] == 3  # D leads both lists
 
 
@@ -136,16 +137,18 @@ def two_embedder_bundle(tmp_path, monkeypatch) -> Path:
     from sentence_transformers import SentenceTransformer
 
     from builder import index
-    from builder.embedder import chunk_ids_digest, encode_texts
-    from builder.models import build_tiny_bert
+    from builder.embedder import chunk_ids_digest
+    from core.models import build_tiny_bert
+    from core.retrieval import encode_texts
 
     texts = [f"{c['text']} " + " ".join(["field notes"] * i) for i, c in enumerate(CHUNKS)]
     chunks = [dict(c, text=t, location="", title="", n_tokens=10, kind="text") for c, t in zip(CHUNKS, texts)]
     root = tmp_path / "bundle"
     build_tiny_bert(texts * 3, root / "embedder-base", seed=1)
     build_tiny_bert(texts * 3, root / "embedder", seed=2)
-    index.run(chunks, root / "embedder", root / "index")
-    base_emb = encode_texts(SentenceTransformer(str(root / "embedder-base"), device="cpu"), texts)
+    index.run(chunks, root)
+    base_emb = encode_texts(SentenceTransformer(str(root / "embedder-base"), device="cpu"), texts,
+                            autocast_device="cpu")
     (root / "data").mkdir()
     np.save(root / "data" / "base_chunk_embeddings.npy", base_emb)
     manifest = {"bundle_id": "test", "retrieval": {"mode": "hybrid", "candidates": 6, "rrf_k": 60},
@@ -159,7 +162,7 @@ def two_embedder_bundle(tmp_path, monkeypatch) -> Path:
 def test_report_scores_bm25_base_finetuned_and_served_on_the_same_questions(two_embedder_bundle):
     from sentence_transformers import SentenceTransformer
 
-    from serving.retrieval import st_encoder
+    from core.retrieval import st_encoder
 
     report = retrieval_report(Bundle.load(two_embedder_bundle), QUESTIONS)
     assert list(report) == ["bm25", "base", "finetuned", "served"]
@@ -200,18 +203,18 @@ def test_bm25_stems_and_keeps_its_analyzer_beside_the_index(tmp_path):
     assert ids[0][0] == 0 and scores[0][0] > 0
 
 
-def test_a_bm25_index_saved_without_an_analyzer_is_read_unstemmed(tmp_path):
+def test_a_format_1_bundle_without_a_bm25_analyzer_is_refused_with_its_version_and_advice(tmp_path):
     texts = ["patients were infected in the ward", "the vaccine trial enrolled adults"]
     old = BM25Index.build(texts, {"stemmer": None, "k1": 1.5})
-    old._r.save(str(tmp_path / "bm25"))  # what bundles written before the analyzer file hold
-    loaded = BM25Index.load(tmp_path / "bm25", len(texts))
-    assert loaded.analyzer["stemmer"] is None
-    ids, scores = loaded.search(["infected ward"], 2)
-    assert ids[0][0] == 0 and scores[0][0] > 0
+    (tmp_path / "index").mkdir()
+    old._r.save(str(tmp_path / "index" / "bm25"))  # what bundles written before the analyzer file hold
+    (tmp_path / "manifest.json").write_text(json.dumps({"bundle_id": "old", "retrieval": {"mode": "bm25"}}))
+    with pytest.raises(BundleError, match="format 1 bundle .* rebuild it"):
+        Bundle.load(tmp_path)
 
 
 def test_bm25_bigrams_pair_neighbouring_kept_words():
-    from serving.retrieval import bm25_tokenize
+    from core.retrieval import bm25_tokenize
 
     assert bm25_tokenize(["Lactic acid bacteria gained favour"], None, bigrams=True)[0] == [
         "lactic", "acid", "bacteria", "gained", "favour",
@@ -242,13 +245,13 @@ def test_bm25_bigrams_rank_the_phrase_above_its_words_scattered(tmp_path):
 
 
 def test_evaluate_modes_matches_mode_by_mode_evaluation(retriever):
-    from builder.evaluate import evaluate_modes
+    from builder.evaluate_retrieval import evaluate_modes
 
     both = evaluate_modes(retriever, QUESTIONS, ["rrf:1", "rrf:60", "zscore:0.5", "zscore:1"])
     for mode in ("dense", "bm25"):
         assert both[mode] == evaluate_retriever(retriever, QUESTIONS, mode=mode)
     for k in (1, 60):
-        retriever.rrf_k = k
+        retriever.fusion = f"rrf:{k}"
         assert both["hybrid"][f"rrf:{k}"] == evaluate_retriever(retriever, QUESTIONS, mode="hybrid")
     for spec in ("zscore:0.5", "zscore:1"):
         retriever.fusion = spec
@@ -258,7 +261,7 @@ def test_evaluate_modes_matches_mode_by_mode_evaluation(retriever):
 
 
 def test_zscore_fusion_standardizes_each_list_and_fills_missing_with_its_floor():
-    from serving.retrieval import zscore_fuse
+    from core.retrieval import zscore_fuse
 
     dense = [(0, 0.9), (1, 0.5), (2, 0.1)]       # z: +1.22, 0, -1.22
     bm25 = [(2, 30.0), (3, 10.0)]                # z: +1, -1
@@ -277,7 +280,7 @@ def test_zscore_fusion_standardizes_each_list_and_fills_missing_with_its_floor()
 
 
 def test_within_gap_keeps_the_head_close_to_the_best_score():
-    from serving.retrieval import within_gap
+    from core.retrieval import within_gap
 
     ranked = [(7, 3.0), (2, 2.6), (9, 1.9), (4, 2.8)]
     assert within_gap(ranked, 0.5) == [(7, 3.0), (2, 2.6), (4, 2.8)]
@@ -300,8 +303,8 @@ def test_passage_gap_trims_what_the_llm_gets_under_zscore_fusion_only(retriever)
 
 
 def test_fusion_specs_are_checked():
-    from builder.config import ConfigError, load_config
-    from serving.retrieval import parse_fusion
+    from core.config import ConfigError, load_config
+    from core.retrieval import parse_fusion
 
     assert parse_fusion("rrf:10") == ("rrf", 10.0) and parse_fusion("zscore:0.4") == ("zscore", 0.4)
     for bad in ("rrf", "zscore:1.5", "borda:3", "rrf:0"):
@@ -359,11 +362,11 @@ def test_a_chunk_scores_its_best_vector_and_results_stay_chunks(tmp_path):
 
 def test_report_scores_the_chunk_vectors_apart_when_the_index_has_windows(two_embedder_bundle):
     from builder import index
-    from serving.retrieval import load_chunks
+    from core.retrieval import load_chunks
 
     root = two_embedder_bundle
     chunks = [dict(c, text=c["text"] + ". Notes were taken. More notes here.") for c in load_chunks(root / "index")]
-    info = index.run(chunks, root / "embedder", root / "index", windows=1)
+    info = index.run(chunks, root, windows=1)
     assert info["sentence_windows"]["count"] == 3 * len(chunks) and info["vectors"] == 4 * len(chunks)
     served = Retriever.load(root)
     assert served.dense.n_chunks == len(chunks) and served.dense.index.ntotal == 4 * len(chunks)

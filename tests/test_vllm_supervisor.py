@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.bundle import Bundle
-from serving.vllm_server import VLLMError, VLLMServer, choose_weights, cpu_env, cpu_list, lora_rank, plan_vllm
+from core.bundle import Bundle
+from core.vllm_engine import VLLMError, choose_weights, cpu_env, cpu_list, lora_rank, plan_vllm
+from serving.vllm_server import VLLMServer
 from tests.fake_upstream import free_port
 
 FAKE_UPSTREAM = Path(__file__).parent / "fake_upstream.py"
@@ -138,7 +139,7 @@ def test_gpu_gets_parallelism_and_memory_share_cpu_gets_thread_binding(tmp_path,
 
 
 def test_thread_binding_from_the_environment_wins():
-    env = cpu_env({"cpu_kvcache_gib": 1}, {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "9"})
+    env = cpu_env(1, {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "9"})
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "9", "VLLM_CPU_OMP_THREADS_BIND": "0",
                    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 

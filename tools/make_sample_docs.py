@@ -22,7 +22,7 @@ import datetime as _dt
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXED_DATE = _dt.datetime(2026, 2, 1, 9, 0, 0, tzinfo=_dt.timezone.utc)
+FIXED_DATE = _dt.datetime(2026, 2, 1, 9, 0, 0, tzinfo=_dt.UTC)
 
 # ---------------------------------------------------------------------------
 # PDF: Coffee Quality and Delivery Standards (Kianjokoma Coffee Factory)

@@ -7,7 +7,7 @@ training steps, and a FAISS search, with throughput for each; prints a table and
 
 The LLM's weights do not matter for speed, so ``--llm 1b`` / ``3b`` build a randomly initialised Llama of that
 shape locally (no download); ``--llm smollm2`` uses the packaged SmolLM2-135M-Instruct; a folder path loads that
-model. Device and dtype come from builder.device (bf16 on a GPU that has it). The LoRA step is the one the build
+model. Device and dtype come from core.device (bf16 on a GPU that has it). The LoRA step is the one the build
 runs: PEFT adapters on every projection, loss on the last ``--answer-tokens`` tokens only (logits computed for
 those alone), AdamW; the first ``--warmup`` steps are not timed.
 """
@@ -70,7 +70,7 @@ def load_llm(name: str, dtype, device: str):
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype)
         return model
-    from builder.models import resolve_llm
+    from core.models import resolve_llm
 
     return AutoModelForCausalLM.from_pretrained(str(resolve_llm(name)), dtype=dtype).to(device)
 
@@ -79,8 +79,8 @@ def check_lora(args, device: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from builder.device import get_dtype
-    from builder.train_llm import masked_lm_loss
+    from builder.lora_trainer import masked_lm_loss
+    from core.device import get_dtype
 
     dtype = get_dtype(device)
     t0 = time.perf_counter()
@@ -143,14 +143,14 @@ def check_embedder(args, device: str) -> dict:
     if args.small:
         import tempfile
 
-        from builder.models import build_tiny_bert
+        from core.models import build_tiny_bert
 
         path = build_tiny_bert([f"passage {i} about soil and maize and rain" for i in range(200)],
                                Path(tempfile.mkdtemp(prefix="check-emb-")) / "tiny")
     elif args.emb_shape:
         path = random_embedder(Path(args.emb_shape))
     else:
-        from builder.models import resolve_embedder
+        from core.models import resolve_embedder
 
         path = resolve_embedder("minilm")
     model = SentenceTransformer(str(path), device=device)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from builder.device import get_device, set_threads
+    from core.device import get_device, set_threads
 
     set_threads()
     device = get_device("auto")

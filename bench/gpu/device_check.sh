@@ -42,7 +42,7 @@ timeout 300 python3 bench/gpu/check_gpu.py "${emb_shape[@]}" --out "$OUT/gpu_che
   || status=1
 
 start=$(date +%s)
-timeout 300 python3 -m builder.cli build knowledge --profile tiny --out /tmp/device-bundles \
+timeout 300 python3 -m assistant build knowledge --profile tiny --out /tmp/device-bundles \
   --set embedder.sources_per_batch=1 >"$OUT/build.log" 2>&1
 rc=$?
 grep -E "^==>|^    [a-zA-Z]" "$OUT/build.log" | tail -40

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.bundle import Bundle
+from core.bundle import Bundle
 from tests.fake_upstream import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def served(adapter_bundle, output_dir) -> Served:
     for p in (out_path, vllm_log):
         p.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "builder.cli", "serve", str(adapter_bundle), "--port", str(port),
+    cmd = [sys.executable, "-m", "assistant", "serve", str(adapter_bundle), "--port", str(port),
            "--vllm-port", str(vllm_port), "--api-key", API_KEY, "--vllm-log", str(vllm_log)]
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,

@@ -1,4 +1,5 @@
-"""The `assistant` command: build, serve, ask, eval. It parses arguments and calls the library, nothing more.
+"""The `assistant` command: build, serve, ask, eval. It parses arguments and calls the library, nothing more;
+it is the only module that imports both the builder and the server.
 
     assistant build knowledge --profile tiny --out /tmp/bundles
     assistant ask "When should I top-dress maize?" --bundle /tmp/bundles/latest
@@ -13,7 +14,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from builder.config import PROFILES, ConfigError, describe_fields
+from core.bundle import BundleError
+from core.config import PROFILES, ConfigError, describe_fields
 
 
 def _config_epilog() -> str:
@@ -91,9 +93,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.config import load_config
-    from builder.log import install_interrupt_handler
     from builder.pipeline import NothingToIngest, build, clean_stale_tmp
+    from core.config import load_config
+    from core.log import install_interrupt_handler
 
     install_interrupt_handler()
     cfg = load_config(args.profile, args.config, args.overrides)
@@ -112,7 +114,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from serving.local import LocalAssistant
+    from serving.local_assistant import LocalAssistant
 
     assistant = LocalAssistant.load(args.bundle, use_adapter=not args.base)
     result = assistant.answer(args.question, top_k=args.top_k)
@@ -128,15 +130,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from builder.evaluate_cli import run_eval
+    from builder.eval_report import format_report, run_eval
 
     report = run_eval(args.bundle, args.questions, answers=not args.no_answers, limit=args.limit)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        from builder.evaluate_cli import format_report
-
-        print(format_report(report))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"build": cmd_build, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

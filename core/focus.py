@@ -5,10 +5,8 @@ read past. Each passage given to the LLM is cut to a token budget: its first lin
 the chunker put there) stays, then the sentences sharing the most rare words with the question, in their
 original order, with "…" where sentences were left out. A passage within its budget is given whole.
 
-Measured on the cpu bundles (BENCHMARKS.md): the three passages given to SmolLM2-135M went from ~378 to ~206
-tokens on knowledge/ and ~520 to ~244 on COVID-QA, held-out F1 rose (knowledge/ 0.435 -> 0.457, COVID-QA
-0.253 -> 0.317, same adapters), and the gateway serves more tokens/s (121-131 -> 155-175 at 16 concurrent on 2
-cores) because prefill is what bounds it on a CPU.
+On a CPU, prefill bounds what a server can do, and a small model answers better from less text to read
+past (the measurements are in BENCHMARKS.md's history).
 
 Only the prompt is cut: sources shown to the user, citation grounding and scoring keep the whole chunk.
 """
@@ -19,7 +17,8 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from serving.retrieval import SENTENCE_END, bm25_tokenize
+from core.retrieval import bm25_tokenize
+from core.text import split_sentences
 
 GAP = "…"
 
@@ -71,7 +70,7 @@ class PassageFocus:
             first, _, rest = text.partition("\n")
             if self.count(first) <= budget // 2:  # a heading path or title, not the start of a paragraph
                 head, body = first.strip(), rest
-        sentences = [s.strip() for s in SENTENCE_END.split(body.replace("\n", " ")) if s.strip()]
+        sentences = split_sentences(body.replace("\n", " "))
         if not sentences:
             return text
         terms = set(bm25_tokenize([query], self.stemmer)[0])

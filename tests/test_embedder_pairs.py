@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from builder import chunk as chunk_stage
-from builder import datagen, ingest
-from builder.config import ChunkConfig, IngestConfig, load_config
+from builder import embedder_pairs, ingest
+from builder.questions import read_questions
+from builder.teacher import client_ask
+from core.config import ChunkConfig, IngestConfig, load_config
+from core.text import normalize
 
 KEYWORDS = ["maize", "beans", "fertilizer", "dap", "can", "spacing", "weeding", "harvest", "storage", "aphids"]
 
@@ -99,7 +102,7 @@ def position(chunks, needle: str) -> int:
 
 
 def test_question_is_paired_with_the_chunk_that_holds_its_answer(chunks):
-    pairs, unmatched = datagen.question_pairs(QA[:1], chunks)
+    pairs, unmatched = embedder_pairs.question_pairs(QA[:1], chunks)
     assert unmatched == []
     (p,) = pairs
     assert p.positive == position(chunks, "50 kg of DAP")
@@ -108,7 +111,7 @@ def test_question_is_paired_with_the_chunk_that_holds_its_answer(chunks):
 
 
 def test_paraphrased_answer_is_matched_by_word_overlap_within_its_source(chunks):
-    pairs, _ = datagen.question_pairs(QA[1:2], chunks)
+    pairs, _ = embedder_pairs.question_pairs(QA[1:2], chunks)
     (p,) = pairs
     assert not p.exact
     assert p.positive == position(chunks, "Weed maize twice")
@@ -116,12 +119,12 @@ def test_paraphrased_answer_is_matched_by_word_overlap_within_its_source(chunks)
 
 
 def test_question_nobody_answers_is_reported_unmatched(chunks):
-    pairs, unmatched = datagen.question_pairs(QA[2:], chunks)
+    pairs, unmatched = embedder_pairs.question_pairs(QA[2:], chunks)
     assert pairs == [] and unmatched == QA[2:]
 
 
 def test_heading_and_title_queries_ask_for_their_own_section(chunks):
-    pairs = datagen.heading_pairs(chunks)
+    pairs = embedder_pairs.heading_pairs(chunks)
     queries = {p.query: p for p in pairs}
     assert "Maize guide: Weeding" in queries and "Beans guide: Pests" in queries
     weeding = queries["Maize guide: Weeding"]
@@ -133,22 +136,22 @@ def test_heading_and_title_queries_ask_for_their_own_section(chunks):
 def test_inverse_cloze_query_is_a_sentence_cut_from_its_positive(chunks):
     pos = position(chunks, "Top dress maize")
     sentence = "Top dress maize with CAN fertilizer at knee height."
-    p = datagen.ict_pair(chunks, pos, sentence, keep=False)
+    p = embedder_pairs.ict_pair(chunks, pos, sentence, keep=False)
     assert p.query == sentence and p.kind == "ict"
     assert sentence not in p.positive_text
     assert "Apply 50 kg of DAP" in p.positive_text  # the rest of the chunk stays
     assert p.positive_text.split("\n")[0] == chunks[pos]["text"].split("\n")[0]  # and so does the title line
-    kept = datagen.ict_pair(chunks, pos, sentence, keep=True)
+    kept = embedder_pairs.ict_pair(chunks, pos, sentence, keep=True)
     assert sentence in kept.positive_text
 
 
 def test_synthetic_pairs_respect_the_limit_and_skip_supervised_chunks_first(chunks):
-    all_pairs = datagen.synthetic_pairs(chunks, per_chunk=1, limit=1000, supervised={})
+    all_pairs = embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=1000, supervised={})
     kinds = {p.kind for p in all_pairs}
     assert {"heading", "ict"} <= kinds <= {"heading", "title", "ict"}
-    assert len(datagen.synthetic_pairs(chunks, per_chunk=1, limit=3, supervised={})) == 3
+    assert len(embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=3, supervised={})) == 3
     busy = position(chunks, "50 kg of DAP")
-    pairs = datagen.synthetic_pairs(chunks, per_chunk=1, limit=1000, supervised={busy: 1})
+    pairs = embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=1000, supervised={busy: 1})
     assert not [p for p in pairs if p.kind == "ict" and p.positive == busy]
 
 
@@ -157,17 +160,17 @@ def test_hard_negatives_are_similar_chunks_that_do_not_hold_the_answer(chunks):
     the answer sentence planted in the beans harvest chunk makes that chunk a false negative, to be dropped."""
     harvest = position(chunks, "Harvest beans when")
     chunks[harvest]["text"] += " Apply 50 kg of DAP fertilizer per acre at planting time for maize."
-    pairs, _ = datagen.question_pairs([dict(QA[0], source=None)], chunks)
-    ranker = datagen.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
-    dropped = datagen.mine_hard_negatives(pairs, chunks, ranker, n=2)
+    pairs, _ = embedder_pairs.question_pairs([dict(QA[0], source=None)], chunks)
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
+    dropped = embedder_pairs.mine_hard_negatives(pairs, chunks, ranker, n=2)
     (p,) = pairs
     beans_fertilizer = position(chunks, "Beans need little nitrogen")
     assert harvest in p.relevant  # the answer is there, so it is relevant, never a negative
     assert harvest not in p.negatives and p.positive not in p.negatives
     assert beans_fertilizer in p.negatives
     assert dropped["relevant"] >= 1
-    norm = datagen.normalize(p.answer)
-    assert all(norm not in datagen.normalize(chunks[i]["text"]) for i in p.negatives)
+    norm = normalize(p.answer)
+    assert all(norm not in normalize(chunks[i]["text"]) for i in p.negatives)
 
 
 def test_answer_string_filters_negatives_outside_the_relevant_set(chunks):
@@ -175,9 +178,9 @@ def test_answer_string_filters_negatives_outside_the_relevant_set(chunks):
     still no negative."""
     harvest = position(chunks, "Harvest beans when")
     chunks[harvest]["text"] += " Apply 50 kg of DAP fertilizer per acre at planting time for maize."
-    pairs, _ = datagen.question_pairs(QA[:1], chunks)
-    ranker = datagen.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
-    dropped = datagen.mine_hard_negatives(pairs, chunks, ranker, n=len(chunks))
+    pairs, _ = embedder_pairs.question_pairs(QA[:1], chunks)
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
+    dropped = embedder_pairs.mine_hard_negatives(pairs, chunks, ranker, n=len(chunks))
     assert harvest not in pairs[0].relevant and harvest not in pairs[0].negatives
     assert dropped["contains_answer"] >= 1
 
@@ -201,10 +204,10 @@ class FakeTeacher:
 def test_teacher_questions_are_kept_only_when_they_retrieve_their_chunk(chunks):
     dap = position(chunks, "50 kg of DAP")
     teacher = FakeTeacher()
-    generated = datagen.teacher_questions(chunks, [dap], teacher, "fake", n=2)
+    generated = embedder_pairs.teacher_queries(chunks, [dap], client_ask(teacher, "fake"), n=2)
     assert len(generated) == 2 and teacher.calls == 1
-    ranker = datagen.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
-    kept, rejected = datagen.round_trip_filter(generated, ranker.rank, k=1)
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
+    kept, rejected = embedder_pairs.round_trip_filter(generated, ranker.rank, k=1)
     assert [p.query for p in kept] == ["How much DAP fertilizer for maize?"]
     assert rejected == 1 and kept[0].positive == dap and kept[0].kind == "teacher"
 
@@ -213,24 +216,24 @@ def test_make_embedder_pairs_uses_a_configured_teacher_and_counts_everything(chu
     cfg = load_config("tiny", overrides=["datagen.teacher_url=http://teacher.invalid/v1",
                                          "datagen.teacher_model=fake", "datagen.hard_negatives=1"])
     emb = keyword_encoder([c["text"] for c in chunks])
-    pairs, stats = datagen.make_embedder_pairs(cfg, chunks, QA, keyword_encoder, emb, teacher_client=FakeTeacher())
+    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, QA, keyword_encoder, emb, teacher=client_ask(FakeTeacher(), "fake"))
     assert stats["question"] == 2 and stats["unmatched_questions"] == 1
     assert stats["teacher"] >= 1 and stats["ict"] >= 1
-    assert stats["pairs"] == len(pairs) == sum(stats[k] for k in datagen.KINDS)
+    assert stats["pairs"] == len(pairs) == sum(stats[k] for k in embedder_pairs.KINDS)
     assert all(len(p.negatives) <= 1 for p in pairs)
 
 
 def test_split_pairs_is_deterministic_and_complete(chunks):
-    pairs = datagen.synthetic_pairs(chunks, per_chunk=2, limit=1000, supervised={})
-    train, held = datagen.split_pairs(pairs, 0.3, seed=1)
-    again = datagen.split_pairs(list(reversed(pairs)), 0.3, seed=1)
+    pairs = embedder_pairs.synthetic_pairs(chunks, per_chunk=2, limit=1000, supervised={})
+    train, held = embedder_pairs.split_pairs(pairs, 0.3, seed=1)
+    again = embedder_pairs.split_pairs(list(reversed(pairs)), 0.3, seed=1)
     assert {p.query for p in held} == {p.query for p in again[1]}
     assert len(train) + len(held) == len(pairs) and held and train
 
 
 def test_pairs_file_lists_splits_and_chunk_ids(chunks, tmp_path):
-    pairs, _ = datagen.question_pairs(QA[:2], chunks)
-    path = datagen.write_pairs(tmp_path / "pairs.jsonl", pairs[:1], pairs[1:], chunks)
+    pairs, _ = embedder_pairs.question_pairs(QA[:2], chunks)
+    path = embedder_pairs.write_pairs(tmp_path / "pairs.jsonl", pairs[:1], pairs[1:], chunks)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["split"] for r in rows] == ["train", "eval"]
     assert rows[0]["positive_chunk_id"] == chunks[pairs[0].positive]["chunk_id"]
@@ -241,4 +244,4 @@ def test_read_questions_names_the_bad_line(tmp_path):
     f = tmp_path / "q.jsonl"
     f.write_text('{"question": "a?", "answer": "b"}\n\nnot json\n')
     with pytest.raises(ValueError, match=r"q.jsonl:3"):
-        datagen.read_questions(f)
+        read_questions(f)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from builder import chatdata
-from serving.prompting import REFUSAL, parse_citations
+from builder import chat_examples
+from core.gold import GoldMatcher
+from core.prompting import REFUSAL, parse_citations
 
 
 def _chunk(i: int, source: str, text: str, kind: str = "text") -> dict:
@@ -39,7 +40,7 @@ def _rankings(questions: list[dict], chunks: list[dict], hit: bool = True) -> li
     """A fake retriever: the gold chunk first (or missing), then the chunks after it."""
     out = []
     for q in questions:
-        gold = chatdata.find_gold(q, chunks)[0]
+        gold = GoldMatcher(chunks).gold(q)[0]
         rest = [j for j in range(len(chunks)) if j != gold]
         rest = rest[gold:] + rest[:gold]
         out.append(([gold] if hit else []) + rest[:10])
@@ -49,16 +50,16 @@ def _rankings(questions: list[dict], chunks: list[dict], hit: bool = True) -> li
 def test_answer_bearing_chunk_is_found_verbatim_and_by_overlap():
     chunks = _corpus()
     q = {"question": "x", "answer": "the figure for item 21 is 21 kilograms per acre", "source": "doc2.md"}
-    assert chatdata.find_gold(q, chunks) == [9]
+    assert GoldMatcher(chunks).gold(q) == [9]
     paraphrase = {"question": "x", "answer": "Item 21: twenty-one kilograms per acre, figure 21", "source": "doc2.md"}
-    assert chatdata.find_gold(paraphrase, chunks) == [9]
-    assert chatdata.find_gold({"question": "x", "answer": "unrelated words entirely", "source": None}, chunks) == []
+    assert GoldMatcher(chunks).gold(paraphrase) == [9]
+    assert GoldMatcher(chunks).gold({"question": "x", "answer": "unrelated words entirely", "source": None}) == []
 
 
 def test_most_examples_hold_the_gold_chunk_and_cite_it_some_hold_nothing_and_refuse():
     chunks = _corpus()
     questions = _questions(chunks, 200)
-    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.2, seed=3)
     assert len(rows) == len(questions)
     by_id = {c["chunk_id"]: c for c in chunks}
@@ -85,7 +86,7 @@ def test_most_examples_hold_the_gold_chunk_and_cite_it_some_hold_nothing_and_ref
 def test_gold_chunk_missed_by_the_retriever_is_put_into_the_context():
     chunks = _corpus()
     questions = _questions(chunks, 30)
-    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks, hit=False),
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks, hit=False),
                                        context_chunks=4, p_gold_absent=0.0, seed=0)
     assert all(r["gold_in_context"] for r in rows)
     assert all(set(r["gold_chunk_ids"]) & set(r["context_chunk_ids"]) for r in rows)
@@ -101,7 +102,7 @@ def test_a_training_questions_own_qa_chunk_never_enters_its_context():
     own = _chunk(len(chunks), "faq.qa.jsonl", f"Q: {q['question']}\nA: {q['answer']}", kind="qa")
     chunks.append(own)
     ranking = [[len(chunks) - 1, 4, 0, 1]]
-    rows = chatdata.make_chat_examples([q], chunks, ranking, context_chunks=3, p_gold_absent=0.0, seed=0)
+    rows = chat_examples.make_chat_examples([q], chunks, ranking, context_chunks=3, p_gold_absent=0.0, seed=0)
     assert own["chunk_id"] not in rows[0]["context_chunk_ids"]
     assert rows[0]["gold_chunk_ids"] == [chunks[4]["chunk_id"]]
 
@@ -122,7 +123,7 @@ def count(messages: list[dict]) -> int:
 def test_contexts_are_shortened_to_fit_max_tokens_without_touching_the_gold_passage():
     chunks = _long_corpus()
     questions = _questions(chunks, 20)
-    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.0, seed=0, count=count, max_tokens=330)
     assert rows
     by_id = {c["chunk_id"]: c for c in chunks}
@@ -135,7 +136,7 @@ def test_contexts_are_shortened_to_fit_max_tokens_without_touching_the_gold_pass
 def test_an_example_that_cannot_fit_is_dropped_not_emptied():
     chunks = _corpus()
     questions = _questions(chunks, 5)
-    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.0, seed=0,
                                        count=count, max_tokens=30)
     assert rows == []
@@ -143,8 +144,8 @@ def test_an_example_that_cannot_fit_is_dropped_not_emptied():
 
 def test_synthetic_pairs_quote_a_sentence_of_their_chunk_and_are_deterministic():
     chunks = _corpus()
-    a = chatdata.synthetic_questions(chunks, per_chunk=1, limit=10, seed=5)
-    b = chatdata.synthetic_questions(chunks, per_chunk=1, limit=10, seed=5)
+    a = chat_examples.synthetic_questions(chunks, per_chunk=1, limit=10, seed=5)
+    b = chat_examples.synthetic_questions(chunks, per_chunk=1, limit=10, seed=5)
     assert a == b and len(a) == 10
     assert len({q["source"] for q in a}) > 2  # spread over documents, not the first chunks only
     for q in a:
@@ -166,7 +167,7 @@ def test_teacher_pairs_keep_only_answers_copied_from_the_passage():
     def ask(prompt: str) -> str:
         return next(reply for part, reply in replies.items() if part in prompt)
 
-    got = chatdata.teacher_questions(chunks, ask, per_chunk=1, limit=10)
+    got = chat_examples.teacher_qa_pairs(chunks, ask, per_chunk=1, limit=10)
     assert sorted(q["question"] for q in got) == ["Records?", "What figure for item 00?"]
     assert all(q["origin"] == "teacher" and q["answer"] in chunks[q["gold"][0]]["text"] for q in got)
 
@@ -175,7 +176,7 @@ def test_the_same_inputs_give_the_same_examples():
     chunks = _corpus()
     questions = _questions(chunks, 40)
     args = (questions, chunks, _rankings(questions, chunks), 3, 0.3, 9)
-    assert chatdata.make_chat_examples(*args) == chatdata.make_chat_examples(*args)
+    assert chat_examples.make_chat_examples(*args) == chat_examples.make_chat_examples(*args)
 
 
 def _cited_chunk_is_gold(row: dict) -> bool:
@@ -186,9 +187,9 @@ def _cited_chunk_is_gold(row: dict) -> bool:
 def test_shuffled_contexts_move_the_gold_passage_and_the_citation_follows_it():
     chunks = _corpus()
     questions = _questions(chunks, 60)
-    kept = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
+    kept = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
                                        p_gold_absent=0.0, seed=1)
-    shuffled = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
+    shuffled = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
                                            p_gold_absent=0.0, seed=1, shuffle=1.0)
     assert {r["cited"][0] for r in kept} == {1}  # the fake retriever ranks the gold chunk first
     assert len({r["cited"][0] for r in shuffled}) == 4
@@ -200,7 +201,7 @@ def test_shuffled_contexts_move_the_gold_passage_and_the_citation_follows_it():
 def test_citation_is_numbered_after_distractors_are_dropped_to_fit():
     chunks = _long_corpus()
     questions = _questions(chunks, 30)
-    rows = chatdata.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=4,
                                        p_gold_absent=0.0, seed=2, count=count, max_tokens=310, shuffle=1.0)
     assert rows and any(len(r["context_chunk_ids"]) < 4 for r in rows)
     assert any(r["cited"][0] > 1 for r in rows)

@@ -17,7 +17,7 @@ itself when ``llm.accelerate_config`` names one of them (or a path)::
 
 and by hand (data from a bundle's ``data/chat_train.jsonl``, settings from its resolved config)::
 
-    accelerate launch --config_file builder/accelerate/ddp.yaml -m builder.train_llm \\
+    accelerate launch --config_file builder/accelerate/ddp.yaml -m builder.lora_trainer \\
         --data /tmp/b/data/chat_train.jsonl --base /tmp/b/llm/base --work /tmp/lora-run --profile tiny
 
 What is trained: LoRA adapters (rank, alpha, dropout, target modules from ``llm.*``) on the base model's own
@@ -39,6 +39,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from builder.chat_examples import read_examples
+from core.config import load_config
+from core.device import autocast_dtype, get_device, get_dtype, set_threads
+from core.hf_engine import load_tokenizer
 
 FINAL = "final"
 RESULT = "result.json"
@@ -141,19 +146,6 @@ def lora_settings(llm_cfg) -> dict:
             "max_seq_len": llm_cfg.max_seq_len}
 
 
-def load_tokenizer(base: str | Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        from builder.models import CHATML_TEMPLATE
-
-        tok.chat_template = CHATML_TEMPLATE
-    return tok
-
-
 def last_checkpoint(work: Path) -> Path | None:
     """The highest-step checkpoint whose trainer state was written completely (a kill can leave a partial one)."""
     done = [p for p in work.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
@@ -162,16 +154,11 @@ def last_checkpoint(work: Path) -> Path | None:
 
 
 def _mixed_precision(device: str) -> str | None:
-    """'bf16' / 'fp16' / None for the Trainer, from builder.device (the one place dtype is decided)."""
+    """'bf16' / 'fp16' / None for the Trainer, from core.device (the one place dtype is decided): the GPU's
+    dtype, or bf16 autocast on a CPU that multiplies bf16 natively."""
     import torch
 
-    from builder import device as device_mod
-
-    if device.startswith("cuda"):
-        dt = device_mod.get_dtype(device)
-    else:
-        chooser = getattr(device_mod, "autocast_dtype", None)  # CPU bf16 autocast, where the CPU supports it
-        dt = chooser(device) if chooser else None
+    dt = get_dtype(device) if device.startswith("cuda") else autocast_dtype(device)
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt)
 
 
@@ -180,12 +167,10 @@ def _distributed() -> bool:
 
 
 class _Clock:
-    """Wall time of the steps run in this process (not of model loading), and an optional delay per step
-    (ASSISTANT_TRAIN_STEP_DELAY seconds) with which tests slow a run down enough to kill it mid-way."""
+    """Wall time of the steps run in this process (not of model loading)."""
 
     def __init__(self):
         self.start = 0.0
-        self.delay = float(os.environ.get("ASSISTANT_TRAIN_STEP_DELAY", "0") or 0)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -195,10 +180,6 @@ class _Clock:
         class Clock(TrainerCallback):
             def on_train_begin(self, *a, **kw):
                 clock.start = time.perf_counter()
-
-            def on_step_end(self, *a, **kw):
-                if clock.delay:
-                    time.sleep(clock.delay)
         return Clock()
 
 
@@ -209,9 +190,6 @@ def make_trainer(cfg, base: str | Path, data: str | Path, work: str | Path, devi
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    from builder.chatdata import read_examples
-    from builder.device import get_device, get_dtype, set_threads
 
     set_threads()
     llm = cfg.llm
@@ -314,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from builder.config import load_config
-
     cfg = load_config(args.profile, args.config, args.overrides)
     result = train(cfg, args.base, args.data, args.work, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:

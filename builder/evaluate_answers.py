@@ -2,7 +2,7 @@
 retrieval, on held-out questions, scored against their gold answers.
 
 For each question the passages come from the bundle's retriever in the mode and with the ``top_k`` its manifest
-names, and the prompt is ``serving.prompting.build_messages``: what is measured is what is served.
+names, and the prompt is ``core.prompting.build_messages``: what is measured is what is served.
 
 Metrics per system (``answer_report`` returns ``{system: {metric: float}}``, primary metric ``f1``):
 
@@ -10,7 +10,7 @@ Metrics per system (``answer_report`` returns ``{system: {metric: float}}``, pri
 - ``citation_accuracy``: share of answerable questions whose answer cites a passage ([n]) and whose first
   cited passage is a chunk of the question's source document (without a source: a chunk holding the answer);
   an answer that cites nothing counts as wrong. Scored on the answer as served, its markers grounded
-  (``serving.citations``); ``citation_accuracy_model`` scores the markers the model wrote;
+  (``core.citations``); ``citation_accuracy_model`` scores the markers the model wrote;
 - ``refusal_rate``: share of unanswerable questions answered with the refusal sentence. The unanswerable set
   is made deterministically: (a) a quarter of the scored questions (at most 50, chosen by a hash of the
   question), each paired with the best retrieved passages that are *not* from its source document and do not
@@ -19,13 +19,12 @@ Metrics per system (``answer_report`` returns ``{system: {metric: float}}``, pri
 - ``tokens_per_s``: generated tokens per second of generation (engine start-up excluded).
 
 The scored questions are a deterministic subset (``eval.max_answer_questions``, or ``--limit``) chosen by a hash
-of the question text. Generation uses vLLM's offline engine in a child process (``eval.generation_engine``:
-'vllm', 'hf' or 'auto' = vLLM where it imports, transformers otherwise or when vLLM fails). The fine-tuned
-system runs on merged weights where the bundle has them; on a CPU without them, the adapter is merged into a
-temporary folder first, since vLLM's LoRA path costs ~3.4x there.
+of the question text. Generation uses vLLM's offline engine in a child process (``core.vllm_engine``;
+``eval.generation_engine``: 'vllm', 'hf' or 'auto' = vLLM where it imports, transformers otherwise or when vLLM
+fails). The fine-tuned system runs on merged weights where the bundle has them; on a CPU without them, the
+adapter is merged into a temporary folder first, since vLLM's LoRA path is several times slower there.
 
     assistant eval bundles/latest --limit 50
-    python -m builder.answer_eval --generate job.json   # the vLLM child process (internal)
 """
 
 from __future__ import annotations
@@ -33,22 +32,25 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
+import re
 import shutil
-import subprocess
-import sys
+import string
 import tempfile
-import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from builder.datagen import stable_fraction
-from builder.evaluate import exact_match, normalize, rouge_l, token_f1
-from serving.citations import ground_citations
-from serving.prompting import build_messages, is_refusal, parse_citations
+from core.bundle import ANSWERS_FILE, Bundle
+from core.citations import ground_citations
+from core.config import BuildConfig, ServeConfig
+from core.hashing import stable_fraction
+from core.hf_engine import generate_batches, load_tokenizer, merge_adapter
+from core.log import say
+from core.prompting import build_messages, is_refusal, parse_citations
+from core.text import normalize
+from core.vllm_engine import generate_offline
 
 SYSTEMS = ("base_no_retrieval", "base", "finetuned")
-ANSWERS_FILE = "eval/answers.json"  # written by the build; `assistant eval` reuses it for the same questions
 UNANSWERABLE_SHARE, UNANSWERABLE_MAX = 0.25, 50
 OFF_TOPIC = (
     "What is the capital city of Australia?",
@@ -60,13 +62,50 @@ OFF_TOPIC = (
     "How do I reset the password of my email account?",
     "What is the exchange rate between the euro and the Japanese yen today?",
 )
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 Log = Callable[[str], None]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _squad_normalize(text: str) -> str:
+    text = text.lower()
+    text = re.sub(r"\[\d+\]", " ", text)  # citation markers are not part of the answer
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(_squad_normalize(prediction) == _squad_normalize(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    p, g = _squad_normalize(prediction).split(), _squad_normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = Counter(p) & Counter(g)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, gold: str) -> float:
+    """ROUGE-L F-measure over normalized tokens (longest common subsequence)."""
+    p, g = _squad_normalize(prediction).split(), _squad_normalize(gold).split()
+    if not p or not g:
+        return 0.0
+    prev = [0] * (len(g) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(g, start=1):
+            cur.append(prev[j - 1] + 1 if a == b else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(g)
+    return 2 * precision * recall / (precision + recall)
 
 
 # ----------------------------------------------------------------------------------------------- questions
@@ -149,138 +188,6 @@ def score(answers: Sequence[str], questions: Sequence[dict], contexts: Sequence[
 
 # ----------------------------------------------------------------------------------------------- generation
 
-def vllm_env(serve_cfg, cuda: bool = False) -> dict[str, str]:
-    """Environment for the offline engine's child: on the CPU backend, KV cache size, every core we may use
-    bound to its workers, and the engine core inside the child instead of a process of its own (on 2 cores an
-    engine started in 16 s instead of 41 s, and the knowledge/ gate took 116 s instead of 154 s with the same
-    scores: BENCHMARKS.md, 2026-11-27)."""
-    from serving.vllm_server import cpu_env  # the server's own CPU settings, so both run vLLM alike
-
-    env = dict(os.environ)
-    env.update(cpu_env({"cpu_kvcache_gib": getattr(serve_cfg, "cpu_kvcache_gib", 2)}))
-    if not cuda:
-        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return env
-
-
-def _vllm_lora_rank(adapter: str) -> int:
-    r = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 8))
-    return next((v for v in VLLM_LORA_RANKS if v >= r), r)
-
-
-def generate_vllm(model: str, batches: dict[str, list[list[dict]]], max_new_tokens: int, max_model_len: int,
-                  adapter: str | None = None, serve_cfg=None, timeout: float | None = None,
-                  lora_batches: Sequence[str] | None = None, eager: bool | None = None) -> dict[str, dict]:
-    """Greedy answers from vLLM's offline engine, run in a child process (vLLM spawns workers; keeping it out of
-    this process keeps its start method, threads and memory out of ours). With ``adapter``, the batches named in
-    ``lora_batches`` (all, when None) are answered through it. ``eager``: skip torch.compile (default: on the
-    CPU). Returns {batch: {"texts", "tokens", "seconds"}}."""
-    import torch
-
-    if eager is None:
-        eager = not torch.cuda.is_available()
-
-    work = Path(tempfile.mkdtemp(prefix="answer-eval-"))
-    try:
-        job = {"model": str(model), "adapter": adapter, "batches": batches, "max_new_tokens": max_new_tokens,
-               "lora_batches": list(batches) if lora_batches is None else list(lora_batches),
-               "max_model_len": max_model_len, "lora_rank": _vllm_lora_rank(adapter) if adapter else None,
-               "gpu_memory_utilization": getattr(serve_cfg, "gpu_memory_utilization", 0.85),
-               "cuda": torch.cuda.is_available(), "enforce_eager": eager,
-               "block_size": None if torch.cuda.is_available() else getattr(serve_cfg, "cpu_block_size", None)}
-        (work / "job.json").write_text(json.dumps(job))
-        log = work / "vllm.log"
-        env = vllm_env(serve_cfg, cuda=torch.cuda.is_available())
-        with open(log, "w") as fh:
-            proc = subprocess.run([sys.executable, "-m", "builder.answer_eval", "--generate", str(work / "job.json")],
-                                  check=False, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=timeout,
-                                  cwd=str(Path(__file__).resolve().parent.parent))
-        if proc.returncode != 0 or not (work / "out.json").is_file():
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"vLLM generation failed (exit {proc.returncode}):\n{tail}")
-        return json.loads((work / "out.json").read_text())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _vllm_child(job_path: str) -> int:
-    """Body of the child process: one engine, every batch, results next to the job file."""
-    job = json.loads(Path(job_path).read_text())
-    from vllm import LLM, SamplingParams
-
-    kw = {"model": job["model"], "tokenizer": job["adapter"] or job["model"], "max_model_len": job["max_model_len"],
-          "seed": 0, "enable_prefix_caching": True, "enforce_eager": bool(job.get("enforce_eager"))}
-    if job["cuda"]:
-        kw["gpu_memory_utilization"] = job["gpu_memory_utilization"]
-    if job.get("block_size"):
-        kw["block_size"] = job["block_size"]
-    lora = None
-    if job["adapter"]:
-        from vllm.lora.request import LoRARequest
-
-        kw.update(enable_lora=True, max_lora_rank=job["lora_rank"], max_loras=1)
-        lora = LoRARequest("adapter", 1, job["adapter"])
-    llm = LLM(**kw)
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"])
-    out = {}
-    # One call per group (with and without the adapter) rather than one per batch: the engine keeps every
-    # prompt of the group in flight together, where batch after batch would drain to a few long answers at
-    # the end of each. A batch's seconds are its group's, shared out by generated tokens.
-    groups: dict[bool, list[str]] = {}
-    for name in job["batches"]:
-        groups.setdefault(name in job["lora_batches"], []).append(name)
-    for with_lora, names in groups.items():
-        convs = [c for n in names for c in job["batches"][n]]
-        start = time.perf_counter()
-        results = llm.chat(convs, params, use_tqdm=False, lora_request=lora if with_lora else None) if convs else []
-        seconds = time.perf_counter() - start
-        counts = [len(r.outputs[0].token_ids) for r in results]
-        total, at = sum(counts) or 1, 0
-        for n in names:
-            mine = slice(at, at + len(job["batches"][n]))
-            at = mine.stop
-            tokens = sum(counts[mine])
-            out[n] = {"texts": [r.outputs[0].text.strip() for r in results[mine]], "tokens": tokens,
-                      "seconds": round(seconds * tokens / total, 2)}
-    tmp = Path(job_path).with_name("out.json.tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, Path(job_path).with_name("out.json"))
-    return 0
-
-
-def generate_hf(model_path: str, batches: dict[str, list[list[dict]]], max_new_tokens: int,
-                adapter: str | None = None, device: str = "cpu",
-                lora_batches: Sequence[str] | None = None) -> dict[str, dict]:
-    """The same with transformers in this process (serving.local.generate), for tests and where vLLM is absent."""
-    import contextlib
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from builder.train_llm import load_tokenizer
-    from serving.local import generate
-
-    tok = load_tokenizer(adapter or model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    model.to(device).eval()
-    out = {}
-    for name, convs in batches.items():
-        start = time.perf_counter()
-        plain = adapter and lora_batches is not None and name not in lora_batches
-        with model.disable_adapter() if plain else contextlib.nullcontext():
-            texts = generate(model, tok, convs, max_new_tokens=max_new_tokens) if convs else []
-        out[name] = {"texts": texts, "seconds": round(time.perf_counter() - start, 2),
-                     "tokens": sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)}
-    return out
-
-
 def _prompt_len(tok, convs: Sequence[list[dict]]) -> int:
     lens = [len(tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"]) for c in convs]
@@ -294,52 +201,32 @@ def uses_vllm(engine: str | None) -> bool:
 
 
 def generate_answers(engine: str, model: str, batches: dict[str, list[list[dict]]], max_new_tokens: int,
-                     serve_cfg=None, adapter: str | None = None, log: Log = _say,
+                     serve_cfg: ServeConfig, adapter: str | None = None, log: Log = say,
                      lora_batches: Sequence[str] | None = None, eager: bool | None = None) -> tuple[dict[str, dict], str]:
     """Answers for every batch with one model; returns (results, engine actually used)."""
     engine = (engine or "auto").lower()
     if uses_vllm(engine):
-        from builder.train_llm import load_tokenizer
-
         tok = load_tokenizer(adapter or model)
         need = _prompt_len(tok, [c for convs in batches.values() for c in convs]) + max_new_tokens + 8
-        max_len = max(int(getattr(serve_cfg, "max_model_len", 2048)), need)
+        max_len = max(int(serve_cfg.max_model_len), need)
         try:
-            return generate_vllm(model, batches, max_new_tokens, max_len, adapter, serve_cfg,
-                                 lora_batches=lora_batches, eager=eager), "vllm"
+            return generate_offline(model, batches, max_new_tokens, max_len, serve_cfg, adapter,
+                                    lora_batches=lora_batches, eager=eager), "vllm"
         except Exception as exc:
             if engine == "vllm":
                 raise
             log(f"    vLLM failed, generating with transformers instead: {str(exc)[-400:]}")
-    return generate_hf(model, batches, max_new_tokens, adapter, lora_batches=lora_batches), "hf"
-
-
-def merge_adapter(base: str, adapter: str, out: Path) -> Path:
-    """Full weights with the LoRA update folded in (in the base model's dtype), plus the adapter's tokenizer."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from builder.train_llm import load_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    dtype = getattr(model.config, "dtype", None) or "float32"
-    dtype = getattr(torch, str(dtype).replace("torch.", ""), torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.to(dtype).save_pretrained(out, safe_serialization=True)
-    load_tokenizer(adapter).save_pretrained(out)
-    return out
+    return generate_batches(model, batches, max_new_tokens, adapter, lora_batches=lora_batches), "hf"
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str, cfg, adapter: str | None = None,
-                     merged: str | None = None, systems: Sequence[str] = SYSTEMS, log: Log = _say,
+                     merged: str | None = None, systems: Sequence[str] = SYSTEMS, log: Log = say,
                      merged_w8a8: str | None = None, focus=None) -> dict:
     """{system: metrics} for the given (already selected) questions; see the module docstring. The fine-tuned
     answers come from ``merged_w8a8`` when given and vLLM generates (what vLLM serves on the CPU), else from
-    ``merged``, else from ``adapter``. ``focus`` (serving.focus.PassageFocus) cuts the passages in the prompts
+    ``merged``, else from ``adapter``. ``focus`` (core.focus.PassageFocus) cuts the passages in the prompts
     as serving does; citations are scored against the whole chunks, which is what the user is shown."""
     engine = cfg.eval.generation_engine
     max_new = cfg.llm.max_new_tokens
@@ -439,50 +326,37 @@ def _examples(questions, contexts, report: dict, n: int = 5) -> list[dict]:
     return rows
 
 
-def answer_report(bundle, questions: Sequence[dict], limit: int | None = None) -> dict:
-    """Answer metrics for a bundle (``serving.bundle.Bundle``) on held-out questions: {system: metrics} plus
-    a few "examples" (answers next to the gold ones). Reuses the build's
-    ``eval/answers.json`` when it scored the same questions with the same settings."""
-    from builder.config import config_from_dict
-    from serving.retrieval import Retriever
+def answer_report(bundle: Bundle, questions: Sequence[dict], limit: int | None = None) -> dict:
+    """Answer metrics for a bundle on held-out questions: {system: metrics} plus a few "examples" (answers next
+    to the gold ones). Reuses the build's ``eval/answers.json`` when it scored the same questions with the same
+    settings."""
+    import torch
 
-    cfg = config_from_dict(bundle.manifest.get("config", {}))
+    from core.focus import bundle_focus
+    from core.retrieval import Retriever
+    from core.vllm_engine import int8_weights
+
+    cfg = bundle.config
     picked = select_questions(questions, limit or cfg.eval.max_answer_questions)
     if not picked:
         return {}
-    key = question_digest(picked, _settings_key(cfg, bundle.top_k, bundle.adapter_path() is not None,
-                                                bundle.passage_tokens))
-    cached = bundle.path / ANSWERS_FILE
+    key = answers_cache_key(picked, cfg, bundle.top_k, bundle.adapter_path() is not None, bundle.passage_tokens)
+    cached = bundle.file(ANSWERS_FILE)
     if cached.is_file():
         data = json.loads(cached.read_text())
         if data.get("key") == key:
             return dict(data["report"], cached=ANSWERS_FILE)
-    import torch
-
-    from serving.focus import bundle_focus
-    from serving.vllm_server import int8_weights
-
-    retriever = Retriever.load(bundle.path)
+    retriever = Retriever.load(bundle)
     return evaluate_answers(retriever, picked, bundle.top_k, bundle.base_model_path(), cfg,
                             adapter=bundle.adapter_path(), merged=bundle.merged_path(),
                             merged_w8a8=int8_weights(bundle, "cuda" if torch.cuda.is_available() else "cpu"),
                             focus=bundle_focus(bundle, retriever))
 
 
-def _settings_key(cfg, top_k: int, finetuned: bool, passage_tokens: tuple[int, int]) -> dict:
-    return {"top_k": top_k, "max_new_tokens": cfg.llm.max_new_tokens, "finetuned": finetuned,
-            "passage_gap": cfg.retrieval.passage_gap, "quantize": cfg.serve.quantize,
-            "passage_tokens": list(passage_tokens), "v": 3}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Answer evaluation helpers (the vLLM child process).")
-    ap.add_argument("--generate", metavar="JOB.json", required=True, help="run one vLLM generation job")
-    args = ap.parse_args(argv)
-    return _vllm_child(args.generate)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def answers_cache_key(questions: Sequence[dict], cfg: BuildConfig, top_k: int, finetuned: bool,
+                      passage_tokens: tuple[int, int]) -> str:
+    """What ``eval/answers.json`` is valid for: the questions and every setting that changes an answer."""
+    settings = {"top_k": top_k, "max_new_tokens": cfg.llm.max_new_tokens, "finetuned": finetuned,
+                "passage_gap": cfg.retrieval.passage_gap, "quantize": cfg.serve.quantize,
+                "passage_tokens": list(passage_tokens), "v": 3}
+    return question_digest(questions, settings)

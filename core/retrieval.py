@@ -1,14 +1,16 @@
-"""Retrieval over a bundle's index: dense (FAISS inner product), BM25, and reciprocal rank fusion.
+"""Retrieval over a bundle's index: dense (FAISS inner product), BM25, and their fusion.
 
 The builder writes the index with these same functions and evaluates with this same Retriever, so what is
 measured is what is served.
 
-    python -c "from serving.retrieval import Retriever; r = Retriever.load('bundles/latest'); \
+    python -c "from core.retrieval import Retriever; r = Retriever.load('bundles/latest'); \
 print(r.search('When do I top-dress maize?')[0])"
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
 import time
@@ -18,34 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
-INDEX_DIR = "index"
-CHUNKS_FILE = "chunks.jsonl"
-FAISS_FILE = "dense.faiss"
-OWNER_SUFFIX = "_owner.npy"  # beside the FAISS file: which chunk owns each vector (absent: one per chunk)
-BM25_DIR = "bm25"
+from core.bundle import (
+    ANALYZER_FILE,
+    BM25_DIR,
+    CHUNKS_FILE,
+    EMBEDDER_DIR,
+    FAISS_FILE,
+    FAISS_OWNER_SUFFIX,
+    INDEX_DIR,
+    Bundle,
+    ServedRetrieval,
+)
+from core.config import parse_fusion
+from core.device import autocast_context
+from core.text import STOPWORDS
 
 _WORD = re.compile(r"[a-z0-9]+(?:[.,'][a-z0-9]+)*")
-# A short stop list: BM25 over small chunks is noticeably better without these, and it has to stay
-# identical between index time and query time, so it lives here and nowhere else.
-STOPWORDS = frozenset(
-    ["a", "an", "the", "and", "or", "of", "to", "in", "on", "at", "for", "by", "with", "from", "as", "is", "are", "was", "were", "be", "been", "being", "it", "its", "this", "that", "these", "those", "what", "which", "who", "whom", "how", "when", "where", "why", "do", "does", "did", "can", "could", "should", "would", "i", "you", "we", "they", "he", "she", "my", "our", "your", "their", "me", "us", "them", "if", "so", "not", "no", "there", "here", "into", "about", "than", "then", "also", "may"])
 
-
-ANALYZER_FILE = "analyzer.json"
 # How BM25 tokenizes and scores. Snowball English stemming lets "infected" match "infection"; k1/b are the
-# Lucene defaults. On COVID-QA's training questions (never used to pick embedder settings) stemming moved
-# BM25 recall@5 from 0.737 to 0.753 (BENCHMARKS.md). Bigrams add a term per pair of neighbouring kept words
-# ("lactic_acid"), a cheap stand-in for phrase matching (sequential dependence, Metzler and Croft 2005): on
-# those 947 training questions they moved BM25 MRR@10 from 0.632 to 0.645 (BENCHMARKS.md, 2026-11-28). A bundle
-# records its analyzer beside its BM25 index; one written before the analyzer existed (no file) is read with the
-# settings it was built with, and one whose analyzer does not mention bigrams was built without them.
+# Lucene defaults. Bigrams add a term per pair of neighbouring kept words ("lactic_acid"), a cheap stand-in for
+# phrase matching (sequential dependence, Metzler and Croft 2005). A bundle records its analyzer beside its BM25
+# index, so queries are always tokenized as the corpus was.
 DEFAULT_ANALYZER = {"stemmer": "english", "k1": 1.2, "b": 0.75, "bigrams": True}
-LEGACY_ANALYZER = {"stemmer": None, "k1": 1.5, "b": 0.75}
-
-
-# A sentence ends at . ! or ? followed by space and something that can start one. Coarser than the chunker's
-# splitter (which also breaks at ; and :) on purpose: sentence windows and cut passages read as whole sentences.
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
 
 
 def bm25_tokenize(texts: Sequence[str], stemmer: str | None = None, bigrams: bool = False) -> list[list[str]]:
@@ -57,7 +53,7 @@ def bm25_tokenize(texts: Sequence[str], stemmer: str | None = None, bigrams: boo
         stem = _stemmer(stemmer).stemWords
         tokens = [stem(t) for t in tokens]
     if bigrams:  # "_" never occurs inside a word token, so a pair cannot collide with a word
-        tokens = [t + [f"{u}_{v}" for u, v in zip(t, t[1:])] for t in tokens]
+        tokens = [t + [f"{u}_{v}" for u, v in itertools.pairwise(t)] for t in tokens]
     return tokens
 
 
@@ -84,9 +80,6 @@ class RetrievalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-FUSIONS = ("rrf", "zscore")
 
 
 def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60, weights: Sequence[float] | None = None,
@@ -148,24 +141,6 @@ def within_gap(ranked: Sequence[tuple[int, float]], gap: float) -> list[tuple[in
     return [ranked[0]] + [(p, s) for p, s in ranked[1:] if top - s <= gap]
 
 
-def parse_fusion(spec: str) -> tuple[str, float]:
-    """'rrf:60' -> ('rrf', 60.0); 'zscore:0.5' -> ('zscore', 0.5) (the dense side's weight, BM25 gets the rest)."""
-    name, _, value = str(spec).partition(":")
-    if name not in FUSIONS or not value:
-        raise ValueError(f"fusion must look like 'rrf:K' or 'zscore:DENSE_WEIGHT', got {spec!r}")
-    param = float(value)
-    if name == "zscore" and not 0.0 <= param <= 1.0:
-        raise ValueError(f"zscore's dense weight must be within [0, 1], got {spec!r}")
-    if name == "rrf" and param <= 0:
-        raise ValueError(f"rrf's k must be positive, got {spec!r}")
-    return name, param
-
-
-def resolve_fusion(fusion: str | None, rrf_k: int) -> str:
-    """The fusion in effect: ``fusion`` when set, else RRF with ``rrf_k`` (what bundles before 'fusion' meant)."""
-    return fusion or f"rrf:{rrf_k}"
-
-
 def fuse(dense: Sequence[Sequence[tuple[int, float]]], bm25: Sequence[Sequence[tuple[int, float]]], fusion: str,
          limit: int | None = None) -> list[list[tuple[int, float]]]:
     """Fuse each query's dense and BM25 candidates (position, score) the way ``fusion`` says (parsed once)."""
@@ -182,10 +157,10 @@ class BM25Index:
     The analyzer (stemmer, k1, b, bigrams) is saved beside the index, so queries are always tokenized as the
     corpus was: both go through ``analyze``."""
 
-    def __init__(self, retriever, n_docs: int, analyzer: dict | None = None):
+    def __init__(self, retriever, n_docs: int, analyzer: dict):
         self._r = retriever
         self.n_docs = n_docs
-        self.analyzer = dict(analyzer or LEGACY_ANALYZER)
+        self.analyzer = dict(analyzer)
 
     @classmethod
     def build(cls, texts: Sequence[str], analyzer: dict | None = None) -> BM25Index:
@@ -199,7 +174,7 @@ class BM25Index:
     @staticmethod
     def analyze(texts: Sequence[str], analyzer: dict) -> list[list[str]]:
         """The BM25 terms of ``texts`` under ``analyzer``; the one place index and queries are tokenized."""
-        return bm25_tokenize(texts, analyzer.get("stemmer"), bool(analyzer.get("bigrams", False)))
+        return bm25_tokenize(texts, analyzer["stemmer"], bool(analyzer["bigrams"]))
 
     def save(self, folder: Path) -> None:
         self._r.save(str(folder))
@@ -209,8 +184,8 @@ class BM25Index:
     def load(cls, folder: Path, n_docs: int) -> BM25Index:
         import bm25s
 
-        meta = Path(folder) / ANALYZER_FILE
-        analyzer = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else LEGACY_ANALYZER
+        # Indexes written before bigrams existed record no "bigrams": they were built without them.
+        analyzer = {"bigrams": False, **json.loads((Path(folder) / ANALYZER_FILE).read_text(encoding="utf-8"))}
         return cls(bm25s.BM25.load(str(folder)), n_docs, analyzer)
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +232,7 @@ class DenseIndex:
     @staticmethod
     def owner_path(path: Path) -> Path:
         path = Path(path)
-        return path.with_name(path.stem + OWNER_SUFFIX)
+        return path.with_name(path.stem + FAISS_OWNER_SUFFIX)
 
     def save(self, path: Path) -> None:
         import faiss
@@ -318,58 +293,62 @@ def load_chunks(index_dir: Path) -> list[dict]:
 Encoder = Callable[[Sequence[str]], np.ndarray]
 
 
+def encode_texts(model, texts: Sequence[str], *, autocast_device: str | None = None, batch_size: int = 64,
+                 progress: bool = False) -> np.ndarray:
+    """Normalized float32 embeddings of ``texts`` by a sentence-transformers model. With ``autocast_device``
+    under the mixed precision training uses there (core.device.autocast_dtype), as the builder embeds the
+    chunks; without, in the model's own dtype, as queries are embedded."""
+    with autocast_context(autocast_device) if autocast_device else contextlib.nullcontext():
+        emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                           show_progress_bar=progress)
+    return np.asarray(emb, dtype=np.float32)
+
+
 def st_encoder(model) -> Encoder:
-    def encode(texts: Sequence[str]) -> np.ndarray:
-        return model.encode(list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True,
-                            show_progress_bar=False)
-    return encode
+    """The query encoder of a Retriever: ``encode_texts`` in the model's own dtype."""
+    return lambda texts: encode_texts(model, texts)
 
 
 class Retriever:
     """Dense, BM25 or hybrid search over one bundle's chunks. Hybrid fuses the two candidate lists by
-    reciprocal rank fusion (fusion None or 'rrf:K', K = rrf_k) or by standardized scores ('zscore:W')."""
+    reciprocal rank fusion ('rrf:K') or by standardized scores ('zscore:W')."""
 
     MODES = ("dense", "bm25", "hybrid")
 
     def __init__(self, chunks: list[dict], encoder: Encoder | None, dense: DenseIndex | None,
-                 bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, rrf_k: int = 60,
-                 fusion: str | None = None, passage_gap: float = 0.0):
+                 bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, fusion: str = "rrf:60",
+                 passage_gap: float = 0.0):
         if mode not in self.MODES:
             raise ValueError(f"retrieval mode must be one of {self.MODES}, got {mode!r}")
-        if fusion is not None:
-            parse_fusion(fusion)
+        parse_fusion(fusion)
         self.chunks = chunks
         self.encoder = encoder
         self.dense = dense
         self.bm25 = bm25
         self.mode = mode
         self.candidates = candidates
-        self.rrf_k = rrf_k
-        self.fusion = fusion  # None: RRF with self.rrf_k
+        self.fusion = fusion
         self.passage_gap = float(passage_gap or 0.0)  # see passages(); 0: always k passages
         self.last_timing_ms: float = 0.0
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, mode: str | None = None, device: str = "cpu",
-             embedder_dir: str | Path | None = None) -> Retriever:
-        """Load from a bundle folder; mode defaults to the one the manifest chose."""
+    def from_index(cls, index_dir: Path, embedder_dir: Path, settings: ServedRetrieval, device: str = "cpu",
+                   mode: str | None = None) -> Retriever:
+        """A retriever over an index folder with an embedder folder, ranking as ``settings`` say (``mode``
+        overrides theirs): a finished bundle's, or the unfinished one a build is writing."""
         from sentence_transformers import SentenceTransformer
 
-        bundle_dir = Path(bundle_dir).resolve()
-        manifest = json.loads((bundle_dir / "manifest.json").read_text())
-        rcfg = manifest.get("retrieval", {})
-        index_dir = bundle_dir / INDEX_DIR
         chunks = load_chunks(index_dir)
-        model = SentenceTransformer(str(embedder_dir or bundle_dir / "embedder"), device=device)
+        model = SentenceTransformer(str(embedder_dir), device=device)
         return cls(chunks, st_encoder(model), DenseIndex.load(index_dir / FAISS_FILE),
-                   BM25Index.load(index_dir / BM25_DIR, len(chunks)), mode=mode or rcfg.get("mode", "hybrid"),
-                   candidates=rcfg.get("candidates", 50), rrf_k=rcfg.get("rrf_k", 60),
-                   fusion=rcfg.get("fusion"), passage_gap=rcfg.get("passage_gap", 0.0))
+                   BM25Index.load(index_dir / BM25_DIR, len(chunks)), mode=mode or settings.mode,
+                   candidates=settings.candidates, fusion=settings.fusion, passage_gap=settings.passage_gap)
 
-    @property
-    def fusion_spec(self) -> str:
-        """The hybrid fusion in use, as 'rrf:K' or 'zscore:W'."""
-        return resolve_fusion(self.fusion, self.rrf_k)
+    @classmethod
+    def load(cls, bundle: Bundle | str | Path, mode: str | None = None, device: str = "cpu") -> Retriever:
+        """A bundle's served retriever; ``mode`` defaults to the one the build chose."""
+        bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        return cls.from_index(bundle.file(INDEX_DIR), bundle.file(EMBEDDER_DIR), bundle.retrieval, device, mode)
 
     def candidates_for(self, queries: Sequence[str], n: int, mode: str = "hybrid") -> tuple[list[list[tuple[int, float]]] | None, list[list[tuple[int, float]]] | None]:
         """(dense, BM25) candidate lists of (position, score), best first, for each query; a part the mode does
@@ -391,12 +370,12 @@ class Retriever:
             return [d[:k] for d in dense]
         if mode == "bm25":
             return [b[:k] for b in bm]
-        return fuse(dense, bm, self.fusion_spec, limit=k)
+        return fuse(dense, bm, self.fusion, limit=k)
 
     @property
     def gap_applies(self) -> bool:
         """The passage gap needs scores on one scale for every query: z-score fusion's standardized ones."""
-        return self.passage_gap > 0 and self.mode == "hybrid" and self.fusion_spec.startswith("zscore")
+        return self.passage_gap > 0 and self.mode == "hybrid" and self.fusion.startswith("zscore")
 
     def passages(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
         """What the LLM is given for each query: the best k, less those whose fused score trails the first by

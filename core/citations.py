@@ -14,7 +14,7 @@ against the text it follows (the words since the previous marker):
 ``ground_citations`` on a whole answer. Evaluation applies the same function to the answers it scores, and
 reports the model's own markers beside it (``citation_accuracy_model``).
 
-    python -c "from serving.citations import ground_citations as g; \
+    python -c "from core.citations import ground_citations as g; \
 print(g('Wash hands often [1]', [{'text': 'Masks.'}, {'text': 'Wash hands often.'}]))"
 """
 
@@ -23,21 +23,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from serving.prompting import is_refusal
-from serving.retrieval import STOPWORDS
+from core.prompting import is_refusal
+from core.text import content_words, words
 
 SUPPORT = 0.6  # share of a segment's content words a passage must hold to count as its source
 _MARKER = re.compile(r"\[(\d{1,2})\]")
 _OPEN = re.compile(r"\[\d{0,2}$")  # the start of a marker that may still be completing
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 def _norm(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def _content(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
+    """The text's words joined by single spaces: verbatim matching that ignores case and punctuation."""
+    return " ".join(words(text))
 
 
 class _Passages:
@@ -45,14 +41,14 @@ class _Passages:
 
     def __init__(self, passages: Sequence[dict]):
         self.norm = [f" {_norm(p.get('text', ''))} " for p in passages]
-        self.words = [_content(p.get("text", "")) for p in passages]
+        self.words = [content_words(p.get("text", "")) for p in passages]
 
     def __len__(self) -> int:
         return len(self.norm)
 
     def support(self, segment: str) -> list[float]:
         """For each passage, how much of ``segment`` it holds: 1.0 verbatim, else the share of content words."""
-        seg, words = _norm(segment), _content(segment)
+        seg, words = _norm(segment), content_words(segment)
         if not words:
             return [0.0] * len(self.norm)
         out = []

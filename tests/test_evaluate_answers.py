@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from builder import answer_eval
-from serving.prompting import REFUSAL
+from builder import evaluate_answers
+from core.hf_engine import generate_batches, merge_adapter
+from core.prompting import REFUSAL
 
 Q = {"question": "How much DAP per acre at planting?", "answer": "50 kg of DAP per acre", "source": "crops/maize.md"}
 GOLD = {"text": "Maize > Fertilizer\nApply 50 kg of DAP per acre at planting.", "source": "crops/maize.md"}
@@ -18,7 +19,7 @@ def test_scores_answers_citations_and_refusals():
     answers = ["50 kg of DAP per acre [2]", "Use 50 kg of DAP per acre [1]", "Fifty kilos. [9]", REFUSAL]
     questions = [Q] * 4
     contexts = [[OTHER, GOLD]] * 4
-    m = answer_eval.score(answers, questions, contexts, unanswerable=[REFUSAL, "Plant in March [1]"])
+    m = evaluate_answers.score(answers, questions, contexts, unanswerable=[REFUSAL, "Plant in March [1]"])
     assert m["exact_match"] == 0.25  # the citation marker is not part of the answer
     second = 2 * (6 / 7) / (6 / 7 + 1)  # "use" is one extra token: precision 6/7, recall 1
     assert m["f1"] == pytest.approx((1 + second) / 4, abs=1e-4)
@@ -32,22 +33,22 @@ def test_scores_answers_citations_and_refusals():
 
 
 def test_without_retrieval_there_is_no_citation_or_refusal_score():
-    m = answer_eval.score(["50 kg of DAP per acre"], [Q], None, None)
+    m = evaluate_answers.score(["50 kg of DAP per acre"], [Q], None, None)
     assert m["exact_match"] == 1.0 and "citation_accuracy" not in m and "refusal_rate" not in m
 
 
 def test_a_question_without_source_is_cited_correctly_by_a_passage_holding_its_answer():
     q = dict(Q, source=None)
-    assert answer_eval.cites_gold("It is 50 kg of DAP per acre [2]", [OTHER, GOLD], q)
-    assert not answer_eval.cites_gold("It is 50 kg of DAP per acre [1]", [OTHER, GOLD], q)
+    assert evaluate_answers.cites_gold("It is 50 kg of DAP per acre [2]", [OTHER, GOLD], q)
+    assert not evaluate_answers.cites_gold("It is 50 kg of DAP per acre [1]", [OTHER, GOLD], q)
 
 
 def test_the_scored_subset_is_deterministic_and_independent_of_order():
     qs = [{"question": f"question {i}?", "answer": "a"} for i in range(50)]
-    a = answer_eval.select_questions(qs, 10)
-    assert len(a) == 10 and a == answer_eval.select_questions(list(reversed(qs)), 10)
-    assert answer_eval.select_questions(qs, None) == answer_eval.select_questions(qs, 0) and len(
-        answer_eval.select_questions(qs, None)) == 50
+    a = evaluate_answers.select_questions(qs, 10)
+    assert len(a) == 10 and a == evaluate_answers.select_questions(list(reversed(qs)), 10)
+    assert evaluate_answers.select_questions(qs, None) == evaluate_answers.select_questions(qs, 0) and len(
+        evaluate_answers.select_questions(qs, None)) == 50
 
 
 class FakeRetriever:
@@ -79,17 +80,17 @@ def test_unanswerable_cases_lack_the_source_document_and_the_answer_and_include_
     chunks = _chunks()
     qs = [{"question": f"what is the answer for topic{d} part{p}?", "answer": f"value{d}{p}", "source": f"doc{d}.md"}
           for d in range(5) for p in range(3)]
-    cases = answer_eval.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3)
+    cases = evaluate_answers.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3)
     removed = [c for c in cases if c[2] == "source_removed"]
     off = [c for c in cases if c[2] == "off_topic"]
-    assert len(removed) == max(1, int(len(qs) * answer_eval.UNANSWERABLE_SHARE))
-    assert [c[0] for c in off] == list(answer_eval.OFF_TOPIC)
+    assert len(removed) == max(1, int(len(qs) * evaluate_answers.UNANSWERABLE_SHARE))
+    assert [c[0] for c in off] == list(evaluate_answers.OFF_TOPIC)
     by_q = {q["question"]: q for q in qs}
     for question, passages, _ in removed:
         q = by_q[question]
         assert len(passages) == 3
         assert all(p["source"] != q["source"] and q["answer"] not in p["text"] for p in passages)
-    assert cases == answer_eval.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3)
+    assert cases == evaluate_answers.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def tiny_model_and_adapter(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from builder.models import build_tiny_llama
+    from core.models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny-gen")
     base = build_tiny_llama([c["text"] for c in _chunks()] * 20, root / "base", seed=1, vocab_size=400)
@@ -108,7 +109,7 @@ def tiny_model_and_adapter(tmp_path_factory):
                            LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
                                       init_lora_weights=False))
     model.save_pretrained(root / "adapter")
-    from builder.train_llm import load_tokenizer
+    from builder.lora_trainer import load_tokenizer
 
     load_tokenizer(base).save_pretrained(root / "adapter")
     return str(base), str(root / "adapter")
@@ -117,8 +118,8 @@ def tiny_model_and_adapter(tmp_path_factory):
 def test_hf_generation_answers_plain_batches_without_the_adapter_and_lora_batches_with_it(tiny_model_and_adapter):
     base, adapter = tiny_model_and_adapter
     convs = [[{"role": "user", "content": f"what is the answer for topic{i}?"}] for i in range(3)]
-    plain = answer_eval.generate_hf(base, {"x": convs}, 8)
-    both = answer_eval.generate_hf(base, {"x": convs, "y": convs}, 8, adapter=adapter, lora_batches=["y"])
+    plain = generate_batches(base, {"x": convs}, 8)
+    both = generate_batches(base, {"x": convs, "y": convs}, 8, adapter=adapter, lora_batches=["y"])
     assert both["x"]["texts"] == plain["x"]["texts"]
     assert both["y"]["texts"] != plain["x"]["texts"]
     assert all(r["tokens"] > 0 and r["seconds"] >= 0 for r in both.values())
@@ -130,7 +131,7 @@ def test_merged_weights_compute_what_base_plus_adapter_computes(tiny_model_and_a
     from transformers import AutoModelForCausalLM
 
     base, adapter = tiny_model_and_adapter
-    merged = answer_eval.merge_adapter(base, adapter, tmp_path / "merged")
+    merged = merge_adapter(base, adapter, tmp_path / "merged")
     assert (merged / "tokenizer.json").is_file() and not (merged / "adapter_config.json").exists()
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
@@ -143,16 +144,16 @@ def test_merged_weights_compute_what_base_plus_adapter_computes(tiny_model_and_a
 
 @pytest.mark.integration
 def test_assistant_eval_reports_answers_of_every_system_and_reuses_the_builds_answers(tiny_bundle):
-    from builder.evaluate_cli import run_eval
-    from serving.bundle import Bundle
+    from builder.eval_report import run_eval
+    from core.bundle import Bundle
 
     bundle = Bundle.load(tiny_bundle)
-    cached = json.loads((tiny_bundle / answer_eval.ANSWERS_FILE).read_text())
+    cached = json.loads((tiny_bundle / evaluate_answers.ANSWERS_FILE).read_text())
     report = run_eval(tiny_bundle)
     answers = report["answers"]
-    assert answers.get("cached") == answer_eval.ANSWERS_FILE
+    assert answers.get("cached") == evaluate_answers.ANSWERS_FILE
     assert answers["base"] == cached["report"]["base"]
-    fresh = answer_eval.answer_report(bundle, answer_eval.select_questions(
+    fresh = evaluate_answers.answer_report(bundle, evaluate_answers.select_questions(
         [json.loads(line) for line in (tiny_bundle / "eval" / "heldout.jsonl").open()], 3))
     assert "cached" not in fresh
     systems = {"base_no_retrieval", "base"} | ({"finetuned"} if bundle.adapter_path() else set())

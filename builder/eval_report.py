@@ -1,4 +1,5 @@
-"""`assistant eval BUNDLE [--questions FILE.jsonl] [--json]`: retrieval and answer metrics of a bundle.
+"""What `assistant eval BUNDLE [--questions FILE.jsonl] [--json]` reports: retrieval and answer metrics of a
+bundle on a question file (by default the bundle's held-out split).
 
     assistant eval bundles/latest --questions held_out.jsonl --json
 """
@@ -7,22 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.datagen import read_questions
-from serving.bundle import Bundle
+from builder.evaluate_answers import answer_report
+from builder.evaluate_retrieval import retrieval_report
+from builder.questions import read_questions
+from core.bundle import HELDOUT_FILE, Bundle
 
 
 def load_eval_questions(bundle: Bundle, questions_file: str | Path | None) -> list[dict]:
     if questions_file:
         return read_questions(questions_file)
-    held = bundle.path / "eval" / "heldout.jsonl"
+    held = bundle.file(HELDOUT_FILE)
     return read_questions(held) if held.exists() and held.stat().st_size else []
 
 
 def run_eval(bundle_path: str | Path, questions_file: str | Path | None = None, answers: bool = True,
              limit: int | None = None) -> dict:
     """{"bundle", "questions", "retrieval": {system: metrics}, "answers": {system: metrics}}."""
-    from builder.evaluate import retrieval_report
-
     bundle = Bundle.load(bundle_path)
     questions = load_eval_questions(bundle, questions_file)
     if not questions:
@@ -31,12 +32,7 @@ def run_eval(bundle_path: str | Path, questions_file: str | Path | None = None, 
     report: dict = {"bundle": bundle.bundle_id, "questions": len(questions)}
     report["retrieval"] = retrieval_report(bundle, questions)
     if answers:
-        try:
-            from builder.answer_eval import answer_report
-        except ImportError:
-            answer_report = None
-        if answer_report is not None:
-            report["answers"] = answer_report(bundle, questions, limit=limit)
+        report["answers"] = answer_report(bundle, questions, limit=limit)
     return report
 
 

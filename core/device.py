@@ -73,3 +73,15 @@ def autocast_dtype(device: str):
     if device == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def autocast_context(device: str):
+    """torch.autocast in ``autocast_dtype(device)``, or a context that does nothing where it is None."""
+    import contextlib
+
+    import torch
+
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)

@@ -1,6 +1,6 @@
 """Retrieval-augmented chat examples for LoRA training, in the style of RAFT (Zhang et al., 2024).
 
-Each example is the conversation serving will hold (``serving.prompting.build_messages``): the system prompt,
+Each example is the conversation serving will hold (``core.prompting.build_messages``): the system prompt,
 then the question under numbered passages that the bundle's own retriever returned for it, then the target
 answer. In most examples the passage that holds the answer (the "gold" chunk) is among the passages, next to
 retrieved distractors, and the target quotes the answer and cites that passage ``[n]``. In a share of
@@ -17,78 +17,27 @@ Where the answers come from, in order of preference:
 Every choice is fixed by the seed and the text (hashes, not global random state), so a rebuild writes the same
 file and resumes the same training run.
 
-    python -c "from builder.chatdata import read_examples; print(len(read_examples('bundle/data/chat_train.jsonl')))"
+    python -c "from builder.chat_examples import read_examples; print(len(read_examples('bundle/data/chat_train.jsonl')))"
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from builder.datagen import stable_fraction
-from builder.evaluate import group_by_source, normalize
-from serving.prompting import REFUSAL, build_messages, cite
+from builder.teacher import Ask, openai_teacher
+from core.gold import GoldMatcher, is_own_qa_chunk
+from core.hashing import stable_fraction
+from core.prompting import REFUSAL, build_messages, cite
+from core.text import normalize, split_header, split_sentences
 
 TokenCount = Callable[[list[dict]], int]  # tokens of a whole conversation, chat template included
 # A question's gold chunk that is not in the retrieved context is put there; the retriever's next best
 # candidates fill in for chunks taken out, so more are asked for than the context holds.
 EXTRA_CANDIDATES = 12
 MIN_PASSAGE_WORDS = 24  # distractors are shortened to fit max_seq_len, never below this
-_WORD = re.compile(r"[a-z0-9]+")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
-
-
-def _words(text: str) -> set[str]:
-    from serving.retrieval import STOPWORDS
-
-    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
-
-
-def _body(chunk: dict) -> str:
-    """A chunk's text without the header line (title > headings) that the chunker puts first."""
-    _, sep, body = chunk["text"].partition("\n")
-    return body.strip() if sep and body.strip() else chunk["text"].strip()
-
-
-def is_own_qa_chunk(question: str, chunk: dict) -> bool:
-    """A question/answer chunk that restates this very question: in the index only for training questions,
-    so a context holding it would teach a shortcut that held-out questions never offer."""
-    return chunk.get("kind") == "qa" and normalize(question) in normalize(chunk["text"])
-
-
-def find_gold(question: dict, chunks: Sequence[dict], by_source: dict[str, list[int]] | None = None,
-              norm_texts: Sequence[str] | None = None, min_overlap: float = 0.5) -> list[int]:
-    """Positions of the chunks that hold a question's answer, best first; [] when none plausibly does.
-
-    The chunks (of the question's source document, where it names one) that contain the answer verbatim;
-    else the one chunk sharing most of the answer's content words (at least ``min_overlap`` of them when the
-    question names no source). The question's own question/answer chunk never counts.
-    """
-    by_source = by_source if by_source is not None else group_by_source(chunks)
-    norm_texts = norm_texts if norm_texts is not None else [normalize(c["text"]) for c in chunks]
-    answer = normalize(question.get("answer", ""))
-    if not answer:
-        return []
-    source = question.get("source")
-    pool = by_source.get(source, []) if source in by_source else range(len(chunks))
-    pool = [i for i in pool if not is_own_qa_chunk(question["question"], chunks[i])]
-    hits = [i for i in pool if answer in norm_texts[i]]
-    if hits:
-        return hits
-    want = _words(question["answer"])
-    if not want:
-        return []
-    best, best_score = None, 0.0
-    for i in pool:
-        score = len(want & _words(chunks[i]["text"])) / len(want)
-        if score > best_score:
-            best, best_score = i, score
-    if best is None or (source not in by_source and best_score < min_overlap):
-        return []
-    return [best]
 
 
 def _prose_chunks_in_seeded_order(chunks: Sequence[dict], seed: int):
@@ -107,7 +56,7 @@ def synthetic_questions(chunks: Sequence[dict], per_chunk: int, limit: int, seed
     for i, c in _prose_chunks_in_seeded_order(chunks, seed):
         if len(out) >= limit:
             break
-        sentences = [s.strip() for s in _SENTENCE.split(_body(c).replace("\n", " "))]
+        sentences = split_sentences(split_header(c["text"])[1].replace("\n", " "))
         sentences = [s for s in sentences if 6 <= len(s.split()) <= 45]
         if not sentences:
             continue
@@ -125,9 +74,8 @@ def synthetic_questions(chunks: Sequence[dict], per_chunk: int, limit: int, seed
     return out
 
 
-def teacher_questions(chunks: Sequence[dict], ask: Callable[[str], str], per_chunk: int, limit: int,
-                      seed: int = 0) -> list[dict]:
-    """Question/answer pairs written by a teacher model, one call per chunk; ``ask(prompt) -> reply text``.
+def teacher_qa_pairs(chunks: Sequence[dict], ask: Ask, per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
+    """Question/answer pairs written by the teacher (builder.teacher), one call per chunk.
 
     The teacher must answer with a sentence quoted from the chunk; a reply that is not JSON, or whose answer is
     not in the chunk, is dropped (a teacher that paraphrases would teach the student to invent wording)."""
@@ -151,19 +99,6 @@ def teacher_questions(chunks: Sequence[dict], ask: Callable[[str], str], per_chu
             if q and a and normalize(a) in normalize(c["text"]):
                 out.append({"question": q, "answer": a, "source": c["source"], "origin": "teacher", "gold": [i]})
     return out[:limit]
-
-
-def openai_teacher(base_url: str, model: str, timeout: float = 60.0) -> Callable[[str], str]:
-    """``ask(prompt)`` over an OpenAI-compatible endpoint (temperature 0)."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=base_url, api_key="not-needed", timeout=timeout)
-
-    def ask(prompt: str) -> str:
-        r = client.chat.completions.create(model=model, temperature=0.0, max_tokens=400,
-                                           messages=[{"role": "user", "content": prompt}])
-        return r.choices[0].message.content or ""
-    return ask
 
 
 def _passage(chunk: dict) -> dict:
@@ -243,11 +178,11 @@ def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankin
     Returns rows {"messages", "question", "answer", "origin", "gold_in_context", "cited", "context_chunk_ids",
     "gold_chunk_ids"}; the last message is the assistant's target.
     """
-    by_source = group_by_source(chunks)
-    norm_texts = [normalize(c["text"]) for c in chunks]
+    matcher = GoldMatcher(chunks)
+    by_source, norm_texts = matcher.by_source, matcher.norm
     out: list[dict] = []
     for q, ranking in zip(questions, rankings):
-        gold = list(q.get("gold") or find_gold(q, chunks, by_source, norm_texts))
+        gold = list(q.get("gold") or matcher.gold(q))
         if not gold:
             continue
         key = f"{q['question']}\n{q['answer']}"
@@ -316,7 +251,7 @@ def build_chat_data(cfg, chunks: Sequence[dict], train_questions: Sequence[dict]
     if short and dg.teacher_url:
         try:
             ask = openai_teacher(dg.teacher_url, dg.teacher_model)
-            pool += teacher_questions(chunks, ask, dg.teacher_questions_per_chunk, short, cfg.seed)
+            pool += teacher_qa_pairs(chunks, ask, dg.teacher_questions_per_chunk, short, cfg.seed)
         except Exception as exc:  # noqa: BLE001 - no teacher means fewer examples, not a failed build
             if log:
                 log(f"    teacher at {dg.teacher_url} failed ({exc}); using synthetic questions")

@@ -1,7 +1,5 @@
-"""Training and evaluation data from the knowledge base.
+"""The embedder's training data from the knowledge base.
 
-- ``split_questions``: a deterministic train / held-out split of question/answer pairs (by a hash of the
-  question), so a rebuild holds out the same questions.
 - ``make_embedder_pairs``: (query, positive chunk, hard negatives) for the embedder, with no network and no
   teacher required. Supervision comes first: every training question is matched to the chunk that holds its
   answer. Synthetic queries fill in where supervision is thin: section headings and document titles for their
@@ -10,24 +8,27 @@
   Hard negatives come from the base embedder and BM25, fused; a candidate that contains the answer (or the
   cloze sentence, or belongs to the heading's section) is a false negative and is dropped.
 
-    python -c "from builder.datagen import read_questions; print(len(read_questions('questions.jsonl')))"
+    python -c "from builder.embedder_pairs import heading_pairs; print(len(heading_pairs([])))"
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from builder.ingest import QAPair
+from builder.teacher import Ask, openai_teacher
+from core.gold import GoldMatcher
+from core.hashing import stable_fraction
+from core.retrieval import BM25Index, rrf_fuse
+from core.text import normalize, split_clauses, split_header
 
 KINDS = ("question", "teacher", "heading", "title", "ict")
 SUPERVISED_KINDS = ("question", "teacher")  # written as questions, by people or by a teacher model
@@ -43,41 +44,6 @@ NEGATIVE_MARGIN = 0.05
 MINE_CANDIDATES = 30
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
-
-
-def stable_fraction(key: str, seed: int = 0) -> float:
-    """A number in [0, 1) fixed by the key and seed: the basis of every deterministic split."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_questions(pairs: Sequence[dict], holdout_fraction: float, seed: int = 0,
-                    key: str = "question") -> tuple[list[dict], list[dict]]:
-    train, held = [], []
-    for p in pairs:
-        (held if stable_fraction(str(p[key]), seed) < holdout_fraction else train).append(p)
-    return train, held
-
-
-def qa_to_dict(pair: QAPair) -> dict:
-    return {"question": pair.question, "answer": pair.answer, "source": pair.source, "origin": pair.origin}
-
-
-def read_questions(path: str | Path) -> list[dict]:
-    """A question file: one {"question", "answer", "source"?} object per line. Bad lines raise with their number."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                q, a = str(obj["question"]).strip(), str(obj["answer"]).strip()
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: expected a JSON object with question and answer ({exc})") from None
-            out.append({"question": q, "answer": a, "source": obj.get("source") or None,
-                        "origin": f"{Path(path).name}:{n}"})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- pairs
@@ -112,82 +78,13 @@ class EmbedderPair:
         return row
 
 
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text.lower()).strip()
-
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def _content_words(text: str) -> set[str]:
-    from serving.retrieval import STOPWORDS
-
-    return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
-
-
-def body_of(chunk: dict) -> tuple[str, str]:
-    """(header line, body): the chunker puts the title and heading path on the first line."""
-    head, _, body = chunk["text"].partition("\n")
-    return (head, body) if body else ("", head)
-
-
-def match_question(question: dict, chunks: Sequence[dict], norm_texts: Sequence[str],
-                   by_source: dict[str, list[int]], min_overlap: float = 0.5,
-                   chunk_words: Sequence[set[str]] | None = None) -> tuple[list[int], int, bool] | None:
-    """(relevant positions, positive, exact) for one question, or None when nothing plausible holds the answer.
-
-    Exact: the chunks of the question's source (or of any document, without a source) that contain the answer.
-    Otherwise the chunk of the source sharing most of the answer's content words is the positive, and only it
-    is relevant; without a source it must share at least ``min_overlap`` of them.
-    """
-    if chunk_words is None:
-        chunk_words = [_content_words(c["text"]) for c in chunks]
-    answer = normalize(question.get("answer", ""))
-    source = question.get("source")
-    if source and source not in by_source:
-        source = None  # a source that was not ingested: fall back to the whole knowledge base
-    everything = list(by_source[source] if source else range(len(chunks)))
-    # Prose chunks first: a question/answer chunk restates a pair, it is the positive only when nothing else is.
-    pool = [i for i in everything if chunks[i].get("kind") != "qa"] or everything
-    hits = ([i for i in pool if answer and answer in norm_texts[i]]
-            or [i for i in everything if answer and answer in norm_texts[i]])
-    if hits:
-        return hits, _best_overlap(question, chunk_words, hits)[0], True
-    if not answer:
-        return None
-    best, overlap = _best_overlap(question, chunk_words, pool, answer_only=True)
-    if best is None or (not source and overlap < min_overlap):
-        return None
-    return [best], best, False
-
-
-def _best_overlap(question: dict, chunk_words: Sequence[set[str]], pool: Sequence[int],
-                  answer_only: bool = False) -> tuple[int | None, float]:
-    """The chunk sharing most content words with the answer (then the question); first one on ties."""
-    answer_words = _content_words(question.get("answer", ""))
-    question_words = _content_words(question.get("question", ""))
-    best, best_key = None, (-1.0, -1.0)
-    for i in pool:
-        words = chunk_words[i]
-        a = len(answer_words & words) / len(answer_words) if answer_words else 0.0
-        q = len(question_words & words) / len(question_words) if question_words else 0.0
-        key = (a, q) if answer_only else (q, a)
-        if key > best_key:
-            best, best_key = i, key
-    return best, best_key[0]
-
-
 def question_pairs(questions: Sequence[dict], chunks: Sequence[dict], kind: str = "question"
                    ) -> tuple[list[EmbedderPair], list[dict]]:
     """Supervised pairs from question/answer dicts; returns (pairs, questions that matched no chunk)."""
-    norm_texts = [normalize(c["text"]) for c in chunks]
-    chunk_words = [_content_words(c["text"]) for c in chunks]
-    by_source: dict[str, list[int]] = {}
-    for i, c in enumerate(chunks):
-        by_source.setdefault(c["source"], []).append(i)
+    matcher = GoldMatcher(chunks)
     pairs, unmatched = [], []
     for q in questions:
-        found = match_question(q, chunks, norm_texts, by_source, chunk_words=chunk_words)
+        found = matcher.training_positive(q)
         if found is None:
             unmatched.append(q)
             continue
@@ -224,17 +121,15 @@ def heading_pairs(chunks: Sequence[dict]) -> list[EmbedderPair]:
 
 def ict_candidates(chunk: dict) -> list[str]:
     """Sentences of a chunk's body that make reasonable cloze queries (not too short, not too long)."""
-    from builder.chunk import split_sentences
-
-    _, body = body_of(chunk)
-    sentences = split_sentences(body)
+    _, body = split_header(chunk["text"])
+    sentences = split_clauses(body)
     if len(sentences) < 2:
         return []
     return [s for s in sentences if ICT_MIN_WORDS <= len(s.split()) <= ICT_MAX_WORDS]
 
 
 def ict_pair(chunks: Sequence[dict], pos: int, sentence: str, keep: bool) -> EmbedderPair:
-    head, body = body_of(chunks[pos])
+    head, body = split_header(chunks[pos]["text"])
     rest = body if keep else re.sub(r"[ \t]{2,}", " ", body.replace(sentence, " ", 1)).strip()
     text = f"{head}\n{rest}" if head else rest
     return EmbedderPair(sentence, pos, "ict", [pos], answer=sentence, positive_text=text)
@@ -275,17 +170,14 @@ TEACHER_PROMPT = ("Write {n} different questions that a reader could ask and tha
                   "line and nothing else.\n\nPassage:\n{passage}")
 
 
-def teacher_questions(chunks: Sequence[dict], positions: Sequence[int], client: Any, model: str, n: int,
-                      log: Callable[[str], None] | None = None) -> list[tuple[int, str]]:
-    """(chunk position, question) written by an OpenAI-compatible chat endpoint; failures skip the chunk."""
+def teacher_queries(chunks: Sequence[dict], positions: Sequence[int], ask: Ask, n: int,
+                    log: Callable[[str], None] | None = None) -> list[tuple[int, str]]:
+    """(chunk position, question) written by the teacher (builder.teacher); a failed request skips the chunk."""
     out = []
     failures = 0
     for i in positions:
         try:
-            reply = client.chat.completions.create(
-                model=model, temperature=0.3, max_tokens=60 * n,
-                messages=[{"role": "user", "content": TEACHER_PROMPT.format(n=n, passage=chunks[i]["text"])}])
-            text = reply.choices[0].message.content or ""
+            text = ask(TEACHER_PROMPT.format(n=n, passage=chunks[i]["text"]), temperature=0.3, max_tokens=60 * n)
         except Exception as exc:  # noqa: BLE001 - one failed request must not stop the build
             failures += 1
             if log and failures <= 3:
@@ -307,12 +199,6 @@ def round_trip_filter(candidates: Sequence[tuple[int, str]], ranker: Callable[[S
     return kept, len(candidates) - len(kept)
 
 
-def make_teacher_client(url: str):
-    from openai import OpenAI
-
-    return OpenAI(base_url=url, api_key="not-needed", timeout=60.0, max_retries=1)
-
-
 # ----------------------------------------------------------------------------------------------- negatives
 
 class BaseRanker:
@@ -320,8 +206,6 @@ class BaseRanker:
 
     def __init__(self, chunks: Sequence[dict], encode: Encoder, chunk_embeddings: np.ndarray,
                  bm25_analyzer: dict | None = None):
-        from serving.retrieval import BM25Index
-
         self.chunks = chunks
         self.encode = encode
         self.emb = np.asarray(chunk_embeddings, dtype=np.float32)
@@ -336,8 +220,6 @@ class BaseRanker:
         return top, scores
 
     def fused(self, queries: Sequence[str], k: int, batch: int = 256) -> tuple[list[list[int]], list[np.ndarray]]:
-        from serving.retrieval import rrf_fuse
-
         rankings, score_rows = [], []
         for start in range(0, len(queries), batch):
             part = list(queries[start:start + batch])
@@ -389,7 +271,7 @@ def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[dict], ranke
 # ----------------------------------------------------------------------------------------------- driver
 
 def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], encode: Encoder,
-                        chunk_embeddings: np.ndarray, teacher_client: Any = None,
+                        chunk_embeddings: np.ndarray, teacher: Ask | None = None,
                         log: Callable[[str], None] | None = None) -> tuple[list[EmbedderPair], dict]:
     """Every training pair for the embedder (``cfg`` is the BuildConfig) and counts for the manifest.
 
@@ -402,17 +284,17 @@ def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], 
         counts[p.positive] = counts.get(p.positive, 0) + 1
     ranker = BaseRanker(chunks, encode, chunk_embeddings, cfg.retrieval.bm25_analyzer())
 
-    teacher: list[EmbedderPair] = []
+    taught: list[EmbedderPair] = []
     teacher_rejected = 0
     if dcfg.teacher_url and dcfg.teacher_model:
-        client = teacher_client or make_teacher_client(dcfg.teacher_url)
+        ask = teacher or openai_teacher(dcfg.teacher_url, dcfg.teacher_model)
         thin = [i for i in sorted(range(len(chunks)), key=lambda i: (counts.get(i, 0),
                                                                     stable_fraction(chunks[i]["chunk_id"], cfg.seed)))
                 if chunks[i].get("kind") != "qa"][:dcfg.max_synthetic]
-        generated = teacher_questions(chunks, thin, client, dcfg.teacher_model, dcfg.teacher_questions_per_chunk, log)
-        teacher, teacher_rejected = round_trip_filter(generated, ranker.rank)
+        generated = teacher_queries(chunks, thin, ask, dcfg.teacher_questions_per_chunk, log)
+        taught, teacher_rejected = round_trip_filter(generated, ranker.rank)
 
-    synthetic = synthetic_pairs(chunks, dcfg.synthetic_per_chunk, dcfg.max_synthetic, counts, cfg.seed, teacher)
+    synthetic = synthetic_pairs(chunks, dcfg.synthetic_per_chunk, dcfg.max_synthetic, counts, cfg.seed, taught)
     pairs = (supervised + synthetic)[:cfg.embedder.max_pairs]
     # Repeated question pairs get a fresh negative on each repeat, so mine enough for all of them.
     dropped = mine_hard_negatives(pairs, chunks, ranker, dcfg.hard_negatives * max(1, cfg.embedder.question_repeats))
@@ -442,7 +324,3 @@ def write_pairs(path: Path, train: Sequence[EmbedderPair], held: Sequence[Embedd
         for split, rows in (("train", train), ("eval", held)):
             fh.writelines(json.dumps(p.to_row(chunks, split), ensure_ascii=False) + "\n" for p in rows)
     return path
-
-
-def pair_to_dict(p: EmbedderPair) -> dict:
-    return asdict(p)
