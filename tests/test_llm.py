@@ -205,13 +205,13 @@ def test_training_runs_on_two_processes_under_accelerate_launch(tiny_llm, tmp_pa
 @pytest.mark.integration
 def test_adapter_loads_into_vllm_and_changes_the_output(tiny_llm, trained):
     pytest.importorskip("vllm")
-    from builder.evaluate_answers import generate_vllm
+    from core.vllm_engine import generate_offline
 
     convs = [r["messages"][:-1] for r in _examples(4)]
     # Batches of one group run as one call and are split back in order: "few" is the first two of "base".
-    out = generate_vllm(str(tiny_llm["base"]), {"base": convs, "few": convs[:2], "none": [], "tuned": convs}, 12,
-                        1024, adapter=str(trained / FINAL), lora_batches=["tuned"],
-                        serve_cfg=load_config("tiny").serve, timeout=600)
+    out = generate_offline(str(tiny_llm["base"]), {"base": convs, "few": convs[:2], "none": [], "tuned": convs}, 12,
+                           1024, adapter=str(trained / FINAL), lora_batches=["tuned"],
+                           serve_cfg=load_config("tiny").serve, timeout=600)
     assert len(out["base"]["texts"]) == len(out["tuned"]["texts"]) == 4
     assert out["base"]["texts"] != out["tuned"]["texts"]
     assert len(out["few"]["texts"]) == 2 and out["none"]["texts"] == [] and out["none"]["tokens"] == 0
@@ -286,8 +286,7 @@ def test_every_shipped_accelerate_config_loads():
 
 @pytest.mark.integration
 def test_llm_stage_writes_the_adapter_loss_curve_chat_data_and_manifest_entry(tiny_bundle_copy):
-    from builder.datagen import read_questions
-
+    from builder.questions import read_questions
     from core.retrieval import load_chunks
 
     bundle = tiny_bundle_copy

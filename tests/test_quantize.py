@@ -69,12 +69,12 @@ def test_vllm_generates_from_the_int8_checkpoint(tiny_llama, tmp_path):
     """vLLM's compressed-tensors loader takes the checkpoint (int8 tensors could not load into float layers, so
     an answer means the int8 kernels ran)."""
     pytest.importorskip("vllm")
-    from builder.evaluate_answers import generate_vllm
     from core.config import load_config
+    from core.vllm_engine import generate_offline
 
     out = quantize_checkpoint(tiny_llama, tmp_path / "w8a8")
     convs = [[{"role": "user", "content": "When should maize be planted?"}],
              [{"role": "user", "content": "How much does DAP fertilizer cost?"}]]
-    res = generate_vllm(str(out), {"q": convs}, max_new_tokens=8, max_model_len=512,
+    res = generate_offline(str(out), {"q": convs}, max_new_tokens=8, max_model_len=512,
                         serve_cfg=load_config("tiny").serve, timeout=600)
     assert len(res["q"]["texts"]) == 2 and res["q"]["tokens"] > 0

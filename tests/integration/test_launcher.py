@@ -29,11 +29,10 @@ FAKE = REPO / "tests" / "fake_upstream.py"
 # Runs `serve()` with plan_vllm's command swapped for the stand-in; everything else is the real launcher.
 WRAPPER = textwrap.dedent("""
     import sys
-    import serving.vllm_server as vs
-    from serving.launcher import serve
+    import serving.launcher as launcher
 
     bundle, port, vllm_port, fake, exit_after = sys.argv[1:6]
-    real_plan = vs.plan_vllm
+    real_plan = launcher.plan_vllm
 
     def plan_with_stand_in(b, **kw):
         plan = real_plan(b, **kw)
@@ -41,8 +40,8 @@ WRAPPER = textwrap.dedent("""
                      "--api-key", kw["api_key"]] + (["--exit-after", exit_after] if exit_after != "-" else [])
         return plan
 
-    vs.plan_vllm = plan_with_stand_in
-    sys.exit(serve(bundle, port=int(port), vllm_port=int(vllm_port), api_key="k",
+    launcher.plan_vllm = plan_with_stand_in
+    sys.exit(launcher.serve(bundle, port=int(port), vllm_port=int(vllm_port), api_key="k",
                    vllm_log=sys.argv[6], ready_timeout=120))
 """)
 
