@@ -74,7 +74,7 @@ def relevance_kinds(bundle_path: Path, questions: list[dict]) -> dict[str, int]:
 
     chunks = load_chunks(bundle_path / INDEX_DIR)
     by_source = group_by_source(chunks)
-    exact = sum(any(normalize(q["answer"]) in normalize(chunks[i]["text"]) for i in by_source.get(q["source"], []))
+    exact = sum(any(normalize(q["answer"]) in normalize(chunks[i].text) for i in by_source.get(q["source"], []))
                 for q in questions)
     return {"answer_in_chunk": exact, "document_fallback": len(questions) - exact}
 

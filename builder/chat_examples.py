@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from builder.teacher import Ask, openai_teacher
+from core.bundle import Chunk
 from core.gold import GoldMatcher, is_own_qa_chunk
 from core.hashing import stable_fraction
 from core.prompting import REFUSAL, build_messages, cite
@@ -40,14 +41,14 @@ EXTRA_CANDIDATES = 12
 MIN_PASSAGE_WORDS = 24  # distractors are shortened to fit max_seq_len, never below this
 
 
-def _prose_chunks_in_seeded_order(chunks: Sequence[dict], seed: int):
+def _prose_chunks_in_seeded_order(chunks: Sequence[Chunk], seed: int):
     """(position, chunk) for every chunk that is not a question/answer pair, in an order fixed by the seed, so
     a small limit still spreads over the documents."""
-    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i]["chunk_id"], seed))
-    return ((i, chunks[i]) for i in order if chunks[i].get("kind") != "qa")
+    order = sorted(range(len(chunks)), key=lambda i: stable_fraction(chunks[i].chunk_id, seed))
+    return ((i, chunks[i]) for i in order if chunks[i].kind != "qa")
 
 
-def synthetic_questions(chunks: Sequence[dict], per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
+def synthetic_questions(chunks: Sequence[Chunk], per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
     """Extractive question/answer pairs made from the chunks alone: the question names the section (document
     title and heading) and asks what it says; the answer is one of the chunk's sentences, verbatim.
 
@@ -56,25 +57,25 @@ def synthetic_questions(chunks: Sequence[dict], per_chunk: int, limit: int, seed
     for i, c in _prose_chunks_in_seeded_order(chunks, seed):
         if len(out) >= limit:
             break
-        sentences = split_sentences(split_header(c["text"])[1].replace("\n", " "))
+        sentences = split_sentences(split_header(c.text)[1].replace("\n", " "))
         sentences = [s for s in sentences if 6 <= len(s.split()) <= 45]
         if not sentences:
             continue
-        rng = random.Random(f"{seed}:{c['chunk_id']}")
-        heading = (c.get("location") or "").split(">")[-1].strip()
-        topic = heading if heading and heading != c.get("title") else c.get("title") or c["source"]
-        templates = [f"What does {c.get('title') or c['source']} say about {topic.lower()}?",
+        rng = random.Random(f"{seed}:{c.chunk_id}")
+        heading = (c.location or "").split(">")[-1].strip()
+        topic = heading if heading and heading != c.title else c.title or c.source
+        templates = [f"What does {c.title or c.source} say about {topic.lower()}?",
                      f"{topic}: what should I know?",
-                     f"Tell me about {topic.lower()} ({c.get('title') or c['source']})."]
+                     f"Tell me about {topic.lower()} ({c.title or c.source})."]
         for sentence in rng.sample(sentences, min(per_chunk, len(sentences))):
-            out.append({"question": rng.choice(templates), "answer": sentence, "source": c["source"],
+            out.append({"question": rng.choice(templates), "answer": sentence, "source": c.source,
                         "origin": "synthetic", "gold": [i]})
             if len(out) >= limit:
                 break
     return out
 
 
-def teacher_qa_pairs(chunks: Sequence[dict], ask: Ask, per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
+def teacher_qa_pairs(chunks: Sequence[Chunk], ask: Ask, per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
     """Question/answer pairs written by the teacher (builder.teacher), one call per chunk.
 
     The teacher must answer with a sentence quoted from the chunk; a reply that is not JSON, or whose answer is
@@ -85,7 +86,7 @@ def teacher_qa_pairs(chunks: Sequence[dict], ask: Ask, per_chunk: int, limit: in
             break
         prompt = (f"Write {per_chunk} question(s) a user could ask that this passage answers, each with an "
                   "answer copied word for word from the passage (one sentence or less). Reply with JSON only: "
-                  '[{"question": "...", "answer": "..."}]\n\nPassage:\n' + c["text"])
+                  '[{"question": "...", "answer": "..."}]\n\nPassage:\n' + c.text)
         try:
             reply = ask(prompt)
             start, end = reply.find("["), reply.rfind("]")
@@ -96,13 +97,13 @@ def teacher_qa_pairs(chunks: Sequence[dict], ask: Ask, per_chunk: int, limit: in
             if not isinstance(item, dict):
                 continue
             q, a = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-            if q and a and normalize(a) in normalize(c["text"]):
-                out.append({"question": q, "answer": a, "source": c["source"], "origin": "teacher", "gold": [i]})
+            if q and a and normalize(a) in normalize(c.text):
+                out.append({"question": q, "answer": a, "source": c.source, "origin": "teacher", "gold": [i]})
     return out[:limit]
 
 
-def _passage(chunk: dict) -> dict:
-    return {"text": chunk["text"], "source": chunk["source"], "location": chunk.get("location", "")}
+def _passage(chunk: Chunk) -> dict:
+    return {"text": chunk.text, "source": chunk.source, "location": chunk.location}
 
 
 def _shorten(text: str, words: int) -> str:
@@ -166,7 +167,7 @@ def _window(text: str, answer: str, words: int) -> str:
     return ("... " if begin else "") + piece + (" ..." if begin + words < len(parts) else "")
 
 
-def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankings: Sequence[Sequence[int]],
+def make_chat_examples(questions: Sequence[dict], chunks: Sequence[Chunk], rankings: Sequence[Sequence[int]],
                        context_chunks: int, p_gold_absent: float, seed: int = 0,
                        count: TokenCount | None = None, max_tokens: int | None = None,
                        shuffle: float = 0.0) -> list[dict]:
@@ -192,7 +193,7 @@ def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankin
         if absent:
             # Nothing that could hold the answer: no chunk of its document, none containing its words.
             answer_norm = normalize(q["answer"])
-            banned = set(gold) | set(by_source.get(chunks[gold[0]]["source"], [])) | own
+            banned = set(gold) | set(by_source.get(chunks[gold[0]].source, [])) | own
             context = [i for i in ranking if i not in banned and answer_norm not in norm_texts[i]][:context_chunks]
             target = REFUSAL
             cited: list[int] = []
@@ -223,8 +224,8 @@ def make_chat_examples(questions: Sequence[dict], chunks: Sequence[dict], rankin
         messages = build_messages(q["question"], passages) + [{"role": "assistant", "content": target}]
         out.append({"messages": messages, "question": q["question"], "answer": q["answer"],
                     "origin": q.get("origin") or "question", "gold_in_context": not absent, "cited": cited,
-                    "context_chunk_ids": [chunks[i]["chunk_id"] for i in context],
-                    "gold_chunk_ids": [chunks[i]["chunk_id"] for i in gold]})
+                    "context_chunk_ids": [chunks[i].chunk_id for i in context],
+                    "gold_chunk_ids": [chunks[i].chunk_id for i in gold]})
     return out
 
 
@@ -240,7 +241,7 @@ def read_examples(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def build_chat_data(cfg, chunks: Sequence[dict], train_questions: Sequence[dict], retriever, out_path: Path,
+def build_chat_data(cfg, chunks: Sequence[Chunk], train_questions: Sequence[dict], retriever, out_path: Path,
                     count: TokenCount | None = None, wanted: int | None = None, log=None) -> list[dict]:
     """The build's chat data: supervised questions first, then teacher and synthetic pairs up to ``wanted``
     examples (what training will consume), contexts from ``retriever``; written to ``out_path`` (JSONL)."""

@@ -11,26 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 
 from builder.ingest import Block, Document
+from core.bundle import Chunk
 from core.config import ChunkConfig
 from core.text import split_clauses
-
-
-@dataclass
-class Chunk:
-    chunk_id: str
-    source: str
-    location: str  # "page 3, Soil > Liming" etc.
-    title: str
-    text: str  # what is embedded, indexed and shown: header line + body
-    n_tokens: int
-    kind: str = "text"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
 

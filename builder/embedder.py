@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from builder import embedder_pairs
-from core.bundle import BASE_EMBEDDINGS_FILE, DATA_DIR, EMBEDDER_DIR, PAIRS_FILE
+from core.bundle import BASE_EMBEDDINGS_FILE, DATA_DIR, EMBEDDER_DIR, PAIRS_FILE, Chunk
 from core.config import BuildConfig
 from core.device import autocast_dtype
 from core.hashing import ids_digest
@@ -52,9 +52,9 @@ def copy_base(base: Path, out_dir: Path) -> None:
                                                                  "openvino", "*.h5", "*.msgpack", "*.ot"))
 
 
-def chunk_ids_digest(chunks: Sequence[dict]) -> str:
+def chunk_ids_digest(chunks: Sequence[Chunk]) -> str:
     """Ties cached chunk embeddings to the exact chunk list (and order) they were computed for."""
-    return ids_digest(c["chunk_id"] for c in chunks)
+    return ids_digest(c.chunk_id for c in chunks)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -68,14 +68,14 @@ def relevant_for_eval(pair: embedder_pairs.EmbedderPair, norm_texts: Sequence[st
     return rel
 
 
-def make_ir_evaluator(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], name: str):
+def make_ir_evaluator(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[Chunk], name: str):
     """sentence-transformers' InformationRetrievalEvaluator over every chunk, for the given held-out pairs."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    norm_texts = [normalize(c["text"]) for c in chunks]
+    norm_texts = [normalize(c.text) for c in chunks]
     queries = {f"q{n}": p.query for n, p in enumerate(pairs)}
     relevant = {f"q{n}": {str(i) for i in relevant_for_eval(p, norm_texts)} for n, p in enumerate(pairs)}
-    corpus = {str(i): c["text"] for i, c in enumerate(chunks)}
+    corpus = {str(i): c.text for i, c in enumerate(chunks)}
     return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, accuracy_at_k=[1, 5, 10],
                                          precision_recall_at_k=[10], mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[10],
                                          write_csv=False, batch_size=64)
@@ -122,14 +122,14 @@ class RowInfo:
     answer: str  # normalized answer text ("" when the pair has none)
 
 
-def training_rows(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], n_negatives: int,
+def training_rows(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[Chunk], n_negatives: int,
                   seed: int = 0, question_repeats: int = 1,
                   info: list[RowInfo] | None = None) -> dict[str, list[str]]:
     """Columns anchor, positive, negative_1..n. A question pair appears ``question_repeats`` times, each time with
     the next n of its mined negatives. Rows short of mined negatives are topped up with random chunks that do not
     answer the query, because every row needs the same number of columns. ``info``, when given, receives one
     ``RowInfo`` per row, in row order."""
-    norm_texts = [normalize(c["text"]) for c in chunks]
+    norm_texts = [normalize(c.text) for c in chunks]
     rows: list[tuple[str, str, list[str]]] = []
     width = n_negatives
     for p in pairs:
@@ -145,9 +145,9 @@ def training_rows(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence
                 rng.shuffle(pool)
                 negs += pool[:n_negatives - len(negs)]
             width = min(width, len(negs))
-            rows.append((p.query, p.text(chunks), [chunks[i]["text"] for i in negs]))
+            rows.append((p.query, p.text(chunks), [chunks[i].text for i in negs]))
             if info is not None:
-                info.append(RowInfo(chunks[p.positive]["source"], r,
+                info.append(RowInfo(chunks[p.positive].source, r,
                                     normalize(p.answer) if p.answer else ""))
     columns: dict[str, list[str]] = {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows]}
     for j in range(width):
@@ -256,7 +256,7 @@ class SourceGroupedBatchSampler:
         return batches
 
 
-def train(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], cfg: BuildConfig, device: str,
+def train(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[Chunk], cfg: BuildConfig, device: str,
           work_dir: Path, epochs: float | None = None, learning_rate: float | None = None,
           question_repeats: int | None = None) -> dict:
     """Fine-tune ``model`` in place on the pairs; returns the resolved settings and the loss curve's ends.
@@ -339,7 +339,7 @@ def train(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[
     }
 
 
-def remine_round(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[dict], ft_emb: np.ndarray,
+def remine_round(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequence[Chunk], ft_emb: np.ndarray,
                  cfg: BuildConfig, device: str) -> tuple[dict, np.ndarray]:
     """One more pass over the real questions, each with fresh hard negatives mined by the model just trained
     (its chunk embeddings ``ft_emb``, fused with BM25 as in the first mining). The first round's negatives were
@@ -359,7 +359,7 @@ def remine_round(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Se
         info = train(model, questions, chunks, cfg, device, Path(work), epochs=1.0, question_repeats=1,
                      learning_rate=cfg.embedder.learning_rate * cfg.embedder.remine_lr_scale)
     say(f"    embedding {len(chunks)} chunks with the re-trained embedder")
-    emb = encode_texts(model, [c["text"] for c in chunks], autocast_device=device, progress=True)
+    emb = encode_texts(model, [c.text for c in chunks], autocast_device=device, progress=True)
     return ({"pairs": len(questions), "false_negatives_dropped": dropped, "mine_seconds": round(mine_s, 1),
              "steps": info["steps"], "learning_rate": info["learning_rate"], "train_seconds": info["train_seconds"],
              "loss_first": info["loss_first"], "loss_last": info["loss_last"]}, emb)
@@ -367,7 +367,7 @@ def remine_round(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Se
 
 # ----------------------------------------------------------------------------------------------- the stage
 
-def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[dict], bundle_dir: Path,
+def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list[dict], bundle_dir: Path,
         device: str = "cpu") -> dict:
     """Write the (unfinished) bundle's embedder/ folder and its pairs in data/; return the manifest entry
     (decision, metrics, settings).
@@ -383,9 +383,9 @@ def run(cfg: BuildConfig, base: Path, chunks: list[dict], train_questions: list[
         copy_base(base, out_dir)
         return {"path": EMBEDDER_DIR, "finetuned": False, "decision": "fine-tuning disabled (embedder.finetune=false)"}
     data_dir.mkdir(parents=True, exist_ok=True)
-    texts = [c["text"] for c in chunks]
+    texts = [c.text for c in chunks]
     model = SentenceTransformer(str(base), device=device)
-    longest = max((c.get("n_tokens", 0) for c in chunks), default=0)
+    longest = max((c.n_tokens for c in chunks), default=0)
     if longest > model.max_seq_length:
         say(f"    warning: the longest chunk has {longest} tokens, over the embedder's {model.max_seq_length}")
 

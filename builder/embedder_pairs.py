@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from builder.teacher import Ask, openai_teacher
+from core.bundle import Chunk
 from core.gold import GoldMatcher
 from core.hashing import stable_fraction
 from core.retrieval import BM25Index, rrf_fuse
@@ -62,13 +63,13 @@ class EmbedderPair:
     source: str | None = None  # the question's document, where it named one
     negatives: list[int] = field(default_factory=list)
 
-    def text(self, chunks: Sequence[dict]) -> str:
-        return self.positive_text if self.positive_text is not None else chunks[self.positive]["text"]
+    def text(self, chunks: Sequence[Chunk]) -> str:
+        return self.positive_text if self.positive_text is not None else chunks[self.positive].text
 
-    def to_row(self, chunks: Sequence[dict], split: str) -> dict:
+    def to_row(self, chunks: Sequence[Chunk], split: str) -> dict:
         row = {"query": self.query, "kind": self.kind, "split": split,
-               "positive_chunk_id": chunks[self.positive]["chunk_id"],
-               "negative_chunk_ids": [chunks[i]["chunk_id"] for i in self.negatives]}
+               "positive_chunk_id": chunks[self.positive].chunk_id,
+               "negative_chunk_ids": [chunks[i].chunk_id for i in self.negatives]}
         if self.positive_text is not None:
             row["positive_text"] = self.positive_text
         if self.answer and self.kind in ("question", "teacher"):
@@ -78,7 +79,7 @@ class EmbedderPair:
         return row
 
 
-def question_pairs(questions: Sequence[dict], chunks: Sequence[dict], kind: str = "question"
+def question_pairs(questions: Sequence[dict], chunks: Sequence[Chunk], kind: str = "question"
                    ) -> tuple[list[EmbedderPair], list[dict]]:
     """Supervised pairs from question/answer dicts; returns (pairs, questions that matched no chunk)."""
     matcher = GoldMatcher(chunks)
@@ -94,20 +95,20 @@ def question_pairs(questions: Sequence[dict], chunks: Sequence[dict], kind: str 
     return pairs, unmatched
 
 
-def heading_pairs(chunks: Sequence[dict]) -> list[EmbedderPair]:
+def heading_pairs(chunks: Sequence[Chunk]) -> list[EmbedderPair]:
     """A section heading (with its document title) asks for its section's first chunk; a document's title for
     its first chunk. Question/answer chunks are skipped: their heading is the question, already supervised."""
     sections: dict[tuple[str, str], list[int]] = {}
     first_of_doc: dict[str, int] = {}
     for i, c in enumerate(chunks):
-        if c.get("kind") == "qa":
+        if c.kind == "qa":
             continue
-        sections.setdefault((c["source"], c.get("location", "")), []).append(i)
-        first_of_doc.setdefault(c["source"], i)
+        sections.setdefault((c.source, c.location), []).append(i)
+        first_of_doc.setdefault(c.source, i)
     pairs = []
     titled: set[str] = set()
     for (source, location), members in sections.items():
-        title = chunks[members[0]].get("title", "").strip()
+        title = chunks[members[0]].title.strip()
         heading = location.split(" > ")[-1].strip() if location else ""
         heading = re.sub(r"^page \d+,?\s*", "", heading)
         if heading and heading != title:
@@ -119,23 +120,23 @@ def heading_pairs(chunks: Sequence[dict]) -> list[EmbedderPair]:
     return pairs
 
 
-def ict_candidates(chunk: dict) -> list[str]:
+def ict_candidates(chunk: Chunk) -> list[str]:
     """Sentences of a chunk's body that make reasonable cloze queries (not too short, not too long)."""
-    _, body = split_header(chunk["text"])
+    _, body = split_header(chunk.text)
     sentences = split_clauses(body)
     if len(sentences) < 2:
         return []
     return [s for s in sentences if ICT_MIN_WORDS <= len(s.split()) <= ICT_MAX_WORDS]
 
 
-def ict_pair(chunks: Sequence[dict], pos: int, sentence: str, keep: bool) -> EmbedderPair:
-    head, body = split_header(chunks[pos]["text"])
+def ict_pair(chunks: Sequence[Chunk], pos: int, sentence: str, keep: bool) -> EmbedderPair:
+    head, body = split_header(chunks[pos].text)
     rest = body if keep else re.sub(r"[ \t]{2,}", " ", body.replace(sentence, " ", 1)).strip()
     text = f"{head}\n{rest}" if head else rest
     return EmbedderPair(sentence, pos, "ict", [pos], answer=sentence, positive_text=text)
 
 
-def synthetic_pairs(chunks: Sequence[dict], per_chunk: int, limit: int, supervised: dict[int, int],
+def synthetic_pairs(chunks: Sequence[Chunk], per_chunk: int, limit: int, supervised: dict[int, int],
                     seed: int = 0, teacher: Sequence[EmbedderPair] = ()) -> list[EmbedderPair]:
     """Teacher questions first, then heading/title and inverse-cloze pairs taken in turn, at most ``limit`` in
     all. Cloze queries go to thinly supervised chunks first, at most ``per_chunk`` per chunk, fewer where
@@ -144,12 +145,12 @@ def synthetic_pairs(chunks: Sequence[dict], per_chunk: int, limit: int, supervis
     headings = heading_pairs(chunks)
     cloze: list[EmbedderPair] = []
     order = sorted(range(len(chunks)),
-                   key=lambda i: (supervised.get(i, 0), stable_fraction(chunks[i]["chunk_id"], seed)))
+                   key=lambda i: (supervised.get(i, 0), stable_fraction(chunks[i].chunk_id, seed)))
     for i in order:
         budget = max(0, per_chunk - supervised.get(i, 0))
-        if not budget or chunks[i].get("kind") == "qa":
+        if not budget or chunks[i].kind == "qa":
             continue
-        rng = random.Random(f"{seed}:{chunks[i]['chunk_id']}")
+        rng = random.Random(f"{seed}:{chunks[i].chunk_id}")
         candidates = ict_candidates(chunks[i])
         rng.shuffle(candidates)
         cloze.extend(ict_pair(chunks, i, sentence, keep=rng.random() < ICT_KEEP_FRACTION)
@@ -170,18 +171,18 @@ TEACHER_PROMPT = ("Write {n} different questions that a reader could ask and tha
                   "line and nothing else.\n\nPassage:\n{passage}")
 
 
-def teacher_queries(chunks: Sequence[dict], positions: Sequence[int], ask: Ask, n: int,
+def teacher_queries(chunks: Sequence[Chunk], positions: Sequence[int], ask: Ask, n: int,
                     log: Callable[[str], None] | None = None) -> list[tuple[int, str]]:
     """(chunk position, question) written by the teacher (builder.teacher); a failed request skips the chunk."""
     out = []
     failures = 0
     for i in positions:
         try:
-            text = ask(TEACHER_PROMPT.format(n=n, passage=chunks[i]["text"]), temperature=0.3, max_tokens=60 * n)
+            text = ask(TEACHER_PROMPT.format(n=n, passage=chunks[i].text), temperature=0.3, max_tokens=60 * n)
         except Exception as exc:  # noqa: BLE001 - one failed request must not stop the build
             failures += 1
             if log and failures <= 3:
-                log(f"    teacher request failed for chunk {chunks[i]['chunk_id']}: {exc}")
+                log(f"    teacher request failed for chunk {chunks[i].chunk_id}: {exc}")
             continue
         lines = [re.sub(r"^\s*(?:\d+[.)]|[-*•])\s*", "", ln).strip() for ln in text.splitlines()]
         for q in [ln for ln in lines if len(ln.split()) >= 3 and ln.endswith("?")][:n]:
@@ -204,12 +205,12 @@ def round_trip_filter(candidates: Sequence[tuple[int, str]], ranker: Callable[[S
 class BaseRanker:
     """Base-embedder and BM25 rankings over the chunks, for mining and for the teacher's round trip."""
 
-    def __init__(self, chunks: Sequence[dict], encode: Encoder, chunk_embeddings: np.ndarray,
+    def __init__(self, chunks: Sequence[Chunk], encode: Encoder, chunk_embeddings: np.ndarray,
                  bm25_analyzer: dict | None = None):
         self.chunks = chunks
         self.encode = encode
         self.emb = np.asarray(chunk_embeddings, dtype=np.float32)
-        self.bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)
+        self.bm25 = BM25Index.build([c.text for c in chunks], bm25_analyzer)
 
     def dense(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(top-k positions, the query-by-chunk score matrix)."""
@@ -235,14 +236,14 @@ class BaseRanker:
         return [r[:k] for r in self.fused(queries, max(k, 10))[0]]
 
 
-def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[dict], ranker: BaseRanker, n: int,
+def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[Chunk], ranker: BaseRanker, n: int,
                         candidates: int = MINE_CANDIDATES, margin: float = NEGATIVE_MARGIN) -> dict[str, int]:
     """Fill each pair's ``negatives`` with up to n chunks ranked high by base embedder + BM25 that do not answer
     it. Returns counts of the candidates dropped as false negatives, by reason."""
     dropped = {"relevant": 0, "contains_answer": 0, "same_text": 0, "too_close": 0}
     if n <= 0 or not pairs:
         return dropped
-    norm_texts = [normalize(c["text"]) for c in chunks]
+    norm_texts = [normalize(c.text) for c in chunks]
     rankings, score_rows = ranker.fused([p.query for p in pairs], candidates)
     for p, ranked, scores in zip(pairs, rankings, score_rows):
         relevant = set(p.relevant) | {p.positive}
@@ -259,7 +260,7 @@ def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[dict], ranke
                 dropped["contains_answer"] += 1
             elif norm_texts[c] == pos_text:
                 dropped["same_text"] += 1
-            elif (not p.exact and chunks[c]["source"] == chunks[p.positive]["source"]
+            elif (not p.exact and chunks[c].source == chunks[p.positive].source
                   and float(scores[c]) >= pos_score - margin * abs(pos_score)):
                 dropped["too_close"] += 1
             else:
@@ -270,7 +271,7 @@ def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[dict], ranke
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], encode: Encoder,
+def make_embedder_pairs(cfg, chunks: Sequence[Chunk], questions: Sequence[dict], encode: Encoder,
                         chunk_embeddings: np.ndarray, teacher: Ask | None = None,
                         log: Callable[[str], None] | None = None) -> tuple[list[EmbedderPair], dict]:
     """Every training pair for the embedder (``cfg`` is the BuildConfig) and counts for the manifest.
@@ -289,8 +290,8 @@ def make_embedder_pairs(cfg, chunks: Sequence[dict], questions: Sequence[dict], 
     if dcfg.teacher_url and dcfg.teacher_model:
         ask = teacher or openai_teacher(dcfg.teacher_url, dcfg.teacher_model)
         thin = [i for i in sorted(range(len(chunks)), key=lambda i: (counts.get(i, 0),
-                                                                    stable_fraction(chunks[i]["chunk_id"], cfg.seed)))
-                if chunks[i].get("kind") != "qa"][:dcfg.max_synthetic]
+                                                                    stable_fraction(chunks[i].chunk_id, cfg.seed)))
+                if chunks[i].kind != "qa"][:dcfg.max_synthetic]
         generated = teacher_queries(chunks, thin, ask, dcfg.teacher_questions_per_chunk, log)
         taught, teacher_rejected = round_trip_filter(generated, ranker.rank)
 
@@ -318,7 +319,7 @@ def split_pairs(pairs: Sequence[EmbedderPair], eval_fraction: float, seed: int =
     return train, held
 
 
-def write_pairs(path: Path, train: Sequence[EmbedderPair], held: Sequence[EmbedderPair], chunks: Sequence[dict]) -> Path:
+def write_pairs(path: Path, train: Sequence[EmbedderPair], held: Sequence[EmbedderPair], chunks: Sequence[Chunk]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for split, rows in (("train", train), ("eval", held)):

@@ -40,9 +40,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from core.bundle import ANSWERS_FILE, Bundle
+from core.bundle import ANSWERS_FILE, Bundle, Chunk
 from core.citations import ground_citations
 from core.config import BuildConfig, ServeConfig
+from core.gold import is_own_qa_chunk
 from core.hashing import stable_fraction
 from core.hf_engine import generate_batches, load_tokenizer, merge_adapter
 from core.log import say
@@ -123,9 +124,9 @@ def question_digest(questions: Sequence[dict], extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def _passages(chunks: Sequence[dict], positions: Sequence[int]) -> list[dict]:
-    return [{"text": chunks[i]["text"], "source": chunks[i]["source"], "location": chunks[i].get("location", ""),
-             "chunk_id": chunks[i]["chunk_id"]} for i in positions]
+def _passages(chunks: Sequence[Chunk], positions: Sequence[int]) -> list[dict]:
+    return [{"text": chunks[i].text, "source": chunks[i].source, "location": chunks[i].location,
+             "chunk_id": chunks[i].chunk_id} for i in positions]
 
 
 def retrieve_contexts(retriever, questions: Sequence[dict], top_k: int) -> list[list[dict]]:
@@ -147,9 +148,9 @@ def unanswerable_cases(retriever, questions: Sequence[dict], top_k: int) -> list
         ranked = retriever.rank([q["question"] for q in picked], top_k + 40)
         for q, r in zip(picked, ranked):
             answer = normalize(q["answer"])
-            keep = [i for i, _ in r if chunks[i]["source"] != q.get("source")
-                    and answer not in normalize(chunks[i]["text"])
-                    and not (chunks[i].get("kind") == "qa" and normalize(q["question"]) in normalize(chunks[i]["text"]))]
+            keep = [i for i, _ in r if chunks[i].source != q.get("source")
+                    and answer not in normalize(chunks[i].text)
+                    and not is_own_qa_chunk(q["question"], chunks[i])]
             if keep:
                 cases.append((q["question"], _passages(chunks, keep[:top_k]), "source_removed"))
     off = retriever.rank(list(OFF_TOPIC), top_k)

@@ -117,9 +117,9 @@ def base_retriever(bundle: Bundle, retriever: Retriever) -> Retriever | None:
     cache = info.get("base_chunk_embeddings") or {}
     emb = None
     if cache.get("path") and bundle.file(cache["path"]).exists() and \
-            cache.get("chunk_ids") == ids_digest(c["chunk_id"] for c in retriever.chunks):
+            cache.get("chunk_ids") == ids_digest(c.chunk_id for c in retriever.chunks):
         emb = np.load(bundle.file(cache["path"]))
     if emb is None or len(emb) != len(retriever.chunks):
-        emb = encode_texts(model, [c["text"] for c in retriever.chunks], autocast_device="cpu", progress=True)
+        emb = encode_texts(model, [c.text for c in retriever.chunks], autocast_device="cpu", progress=True)
     return Retriever(retriever.chunks, st_encoder(model), DenseIndex.build(emb), retriever.bm25, mode="dense",
                      candidates=retriever.candidates, fusion=retriever.fusion)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from core.bundle import BM25_DIR, CHUNKS_FILE, EMBEDDER_DIR, FAISS_FILE, INDEX_DIR
+from core.bundle import BM25_DIR, CHUNKS_FILE, EMBEDDER_DIR, FAISS_FILE, INDEX_DIR, Chunk, write_chunks
 from core.retrieval import BM25Index, DenseIndex, encode_texts
 from core.text import split_header, split_sentences
 
 
-def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tuple[list[str], list[int]]:
+def sentence_windows(chunks: Sequence[Chunk], size: int, stride: int = 1) -> tuple[list[str], list[int]]:
     """Texts of every run of ``size`` consecutive sentences of each chunk's body (stepping ``stride``, the
     last run always included), each after the chunk's header line, and the position of the chunk each
     comes from. A chunk of ``size`` sentences or fewer gets none: its own vector is that window."""
@@ -22,7 +21,7 @@ def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tupl
     texts: list[str] = []
     owner: list[int] = []
     for pos, chunk in enumerate(chunks):
-        head, body = split_header(chunk["text"])
+        head, body = split_header(chunk.text)
         sents = split_sentences(body)
         if len(sents) <= size:
             continue
@@ -36,7 +35,7 @@ def sentence_windows(chunks: Sequence[dict], size: int, stride: int = 1) -> tupl
     return texts, owner
 
 
-def run(chunks: list[dict], bundle_dir: Path, device: str = "cpu", embeddings: np.ndarray | None = None,
+def run(chunks: list[Chunk], bundle_dir: Path, device: str = "cpu", embeddings: np.ndarray | None = None,
         bm25_analyzer: dict | None = None, windows: int = 0, window_stride: int = 1) -> dict:
     """Write the (unfinished) bundle's index/{chunks.jsonl, dense.faiss (+ dense_owner.npy with windows), bm25/}
     with the embedder in its embedder/; returns counts for the manifest.
@@ -50,7 +49,7 @@ def run(chunks: list[dict], bundle_dir: Path, device: str = "cpu", embeddings: n
         emb = np.asarray(embeddings, dtype=np.float32)
     else:
         model = load_embedder(Path(bundle_dir) / EMBEDDER_DIR, device)
-        emb = encode_texts(model, [c["text"] for c in chunks], progress=True)
+        emb = encode_texts(model, [c.text for c in chunks], progress=True)
     owner = None
     n_windows = 0
     if windows:
@@ -63,10 +62,9 @@ def run(chunks: list[dict], bundle_dir: Path, device: str = "cpu", embeddings: n
             emb = np.concatenate([emb, encode_texts(model, texts, autocast_device=device, progress=True)])
             owner = np.concatenate([np.arange(len(chunks)), np.asarray(win_owner)])
     DenseIndex.build(emb, owner).save(index_dir / FAISS_FILE)
-    bm25 = BM25Index.build([c["text"] for c in chunks], bm25_analyzer)
+    bm25 = BM25Index.build([c.text for c in chunks], bm25_analyzer)
     bm25.save(index_dir / BM25_DIR)
-    with open(index_dir / CHUNKS_FILE, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks)
+    write_chunks(index_dir / CHUNKS_FILE, chunks)
     return {"chunks": len(chunks), "dim": int(emb.shape[1]), "faiss": "IndexFlatIP (cosine, exact)",
             "vectors": len(emb), "sentence_windows": {"size": windows, "stride": window_stride,
                                                            "count": n_windows},

@@ -43,6 +43,7 @@ from core.bundle import (
     LOSS_PLOT,
     MERGED_DIR,
     MERGED_W8A8_DIR,
+    Chunk,
     ServedRetrieval,
 )
 from core.config import BuildConfig, dumps
@@ -59,7 +60,7 @@ ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
 GATE_SLICE, GATE_MIN, GATE_MAX = 0.1, 10, 60
 
 
-def run(cfg: BuildConfig, base: Path | str, chunks: list[dict], train_questions: list[dict],
+def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions: list[dict],
         heldout: list[dict], bundle_dir: Path, device: str = "cpu", retrieval_mode: str | None = None) -> dict:
     """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry."""
     if not cfg.llm.finetune:

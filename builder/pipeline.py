@@ -91,9 +91,9 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(base_emb))
-            chunks = [c.to_dict() for c in chunk_stage.run(cfg.chunk, documents, chunk_stage.hf_token_counter(tok))]
+            chunks = chunk_stage.run(cfg.chunk, documents, chunk_stage.hf_token_counter(tok))
         timing["chunk_s"] = s["seconds"]
-        say(f"    {len(chunks)} chunks, at most {max(c['n_tokens'] for c in chunks)} tokens")
+        say(f"    {len(chunks)} chunks, at most {max(c.n_tokens for c in chunks)} tokens")
 
         with step("embedder") as s:
             emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.tmp, device=device)
@@ -154,7 +154,7 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             index=index_info,
             data={"train_questions": len(train_questions), "heldout_questions": len(qa_held),
                   "extra_questions": len(extra_train), "chunks": len(chunks),
-                  "max_chunk_tokens": max(c["n_tokens"] for c in chunks)},
+                  "max_chunk_tokens": max(c.n_tokens for c in chunks)},
             errors=res.errors, warnings=res.warnings, skipped=res.skipped, metrics=metrics, timing=timing)
         check_interrupted()  # a Ctrl-C, even one swallowed on the way, never lets the bundle land
         path = writer.commit(manifest)

@@ -75,6 +75,50 @@ class BundleError(ValueError):
     """A bundle that cannot be read as it is; the message names the file and what to do."""
 
 
+# ----------------------------------------------------------------------------------------------- chunks
+
+@dataclass(frozen=True)
+class Chunk:
+    """One indexed passage: a line of index/chunks.jsonl, and what every stage after chunking hands on."""
+
+    chunk_id: str  # a hash of source and text: an unchanged passage keeps its id across rebuilds
+    source: str  # the document's path inside the knowledge folder
+    location: str  # "page 3, Soil > Liming" etc.
+    title: str
+    text: str  # what is embedded, indexed and shown: header line + body
+    n_tokens: int
+    kind: str = "text"  # 'qa' for a question/answer pair
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Chunk:
+        return cls(chunk_id=d["chunk_id"], source=d["source"], location=d.get("location", ""),
+                   title=d.get("title", ""), text=d["text"], n_tokens=int(d.get("n_tokens", 0)),
+                   kind=d.get("kind", "text"))
+
+
+def write_chunks(path: Path, chunks: list[Chunk]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in chunks)
+
+
+def read_chunks(path: Path) -> list[Chunk]:
+    """The chunk store (index/chunks.jsonl); a damaged line is reported with the file and its number."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(Chunk.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"{path}:{n}: not a chunk record ({exc}); the bundle is damaged: rebuild it "
+                                  "with assistant build") from None
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- served retrieval
 
 @dataclass(frozen=True)

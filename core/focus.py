@@ -132,7 +132,7 @@ def focus_for(retriever, tokenizer_dir: str, first_tokens: int, other_tokens: in
     """The focus for one bundle's retriever: its chunks' statistics, its BM25 stemmer, the LLM's tokens."""
     stemmer = retriever.bm25.analyzer.get("stemmer") if retriever.bm25 is not None else "english"
     count = token_counter(tokenizer_dir) if (first_tokens or other_tokens) else (lambda text: 0)
-    return PassageFocus.from_texts([c["text"] for c in retriever.chunks], count, first_tokens, other_tokens,
+    return PassageFocus.from_texts([c.text for c in retriever.chunks], count, first_tokens, other_tokens,
                                    stemmer=stemmer)
 
 

@@ -17,29 +17,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from core.bundle import Chunk
 from core.text import content_words, normalize
 
 
-def group_by_source(chunks: Sequence[dict]) -> dict[str, list[int]]:
+def group_by_source(chunks: Sequence[Chunk]) -> dict[str, list[int]]:
     """Chunk positions of each document, in chunk order."""
     out: dict[str, list[int]] = {}
     for i, c in enumerate(chunks):
-        out.setdefault(c["source"], []).append(i)
+        out.setdefault(c.source, []).append(i)
     return out
 
 
-def is_own_qa_chunk(question: str, chunk: dict) -> bool:
+def is_own_qa_chunk(question: str, chunk: Chunk) -> bool:
     """A question/answer chunk that restates this very question."""
-    return chunk.get("kind") == "qa" and normalize(question) in normalize(chunk["text"])
+    return chunk.kind == "qa" and normalize(question) in normalize(chunk.text)
 
 
 class GoldMatcher:
     """The chunks' normalized texts, content words and documents, computed once for many questions."""
 
-    def __init__(self, chunks: Sequence[dict]):
+    def __init__(self, chunks: Sequence[Chunk]):
         self.chunks = chunks
-        self.norm = [normalize(c["text"]) for c in chunks]
-        self.words = [content_words(c["text"]) for c in chunks]
+        self.norm = [normalize(c.text) for c in chunks]
+        self.words = [content_words(c.text) for c in chunks]
         self.by_source = group_by_source(chunks)
 
     def _source(self, question: dict) -> str | None:
@@ -81,7 +82,7 @@ class GoldMatcher:
         answer = normalize(question.get("answer", ""))
         source = self._source(question)
         everything = list(self.by_source[source] if source else range(len(self.chunks)))
-        pool = [i for i in everything if self.chunks[i].get("kind") != "qa"] or everything
+        pool = [i for i in everything if self.chunks[i].kind != "qa"] or everything
         hits = self._holding(answer, pool) or self._holding(answer, everything)
         if hits:
             return hits, self._best_overlap(question, hits, answer_first=False)[0], True

@@ -29,7 +29,9 @@ from core.bundle import (
     FAISS_OWNER_SUFFIX,
     INDEX_DIR,
     Bundle,
+    Chunk,
     ServedRetrieval,
+    read_chunks,
 )
 from core.config import parse_fusion
 from core.device import autocast_context
@@ -285,9 +287,8 @@ class DenseIndex:
         return ids_out, scores_out
 
 
-def load_chunks(index_dir: Path) -> list[dict]:
-    with open(index_dir / CHUNKS_FILE, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def load_chunks(index_dir: Path) -> list[Chunk]:
+    return read_chunks(Path(index_dir) / CHUNKS_FILE)
 
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
@@ -315,7 +316,7 @@ class Retriever:
 
     MODES = ("dense", "bm25", "hybrid")
 
-    def __init__(self, chunks: list[dict], encoder: Encoder | None, dense: DenseIndex | None,
+    def __init__(self, chunks: list[Chunk], encoder: Encoder | None, dense: DenseIndex | None,
                  bm25: BM25Index | None, mode: str = "hybrid", candidates: int = 50, fusion: str = "rrf:60",
                  passage_gap: float = 0.0):
         if mode not in self.MODES:
@@ -392,6 +393,6 @@ class Retriever:
         results = []
         for rank, (pos, score) in enumerate(ranked, start=1):
             c = self.chunks[pos]
-            results.append(RetrievalResult(c["chunk_id"], c["source"], c.get("location", ""), c.get("title", ""),
-                                           c["text"], round(score, 6), rank))
+            results.append(RetrievalResult(c.chunk_id, c.source, c.location, c.title,
+                                           c.text, round(score, 6), rank))
         return results

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.bundle import Bundle
+from core.bundle import CHUNKS_FILE, HELDOUT_FILE, INDEX_DIR, Bundle, read_chunks
 from core.citations import CitationGrounder, ground_citations
 from core.focus import PassageFocus, bundle_focus
 from core.prompting import build_messages, parse_citations
@@ -323,7 +323,7 @@ class AnswerEvent:
 def example_questions(bundle: Bundle, limit: int = 4) -> list[str]:
     """Questions to offer in the UI: the bundle's held-out questions, else ones made from section headings."""
     out: list[str] = []
-    heldout = bundle.path / "eval" / "heldout.jsonl"
+    heldout = bundle.file(HELDOUT_FILE)
     if heldout.is_file():
         for line in heldout.read_text(encoding="utf-8").splitlines():
             if line.strip():
@@ -333,18 +333,15 @@ def example_questions(bundle: Bundle, limit: int = 4) -> list[str]:
             if len(out) >= limit:
                 return out
     seen_sources: set[str] = set()
-    chunks_file = bundle.path / "index" / "chunks.jsonl"
-    with open(chunks_file, encoding="utf-8") as fh:
-        for line in fh:
-            c = json.loads(line)
-            parts = [p.strip() for p in str(c.get("location", "")).split(">") if p.strip()]
-            if len(parts) < 2 or c["source"] in seen_sources:
-                continue
-            seen_sources.add(c["source"])
-            topic = re.sub(r"\s*\([^)]*\)", "", parts[0]).strip()
-            out.append(f"{topic}: what does the handbook say about {parts[-1][0].lower() + parts[-1][1:]}?")
-            if len(out) >= limit:
-                break
+    for c in read_chunks(bundle.file(INDEX_DIR) / CHUNKS_FILE):
+        parts = [p.strip() for p in c.location.split(">") if p.strip()]
+        if len(parts) < 2 or c.source in seen_sources:
+            continue
+        seen_sources.add(c.source)
+        topic = re.sub(r"\s*\([^)]*\)", "", parts[0]).strip()
+        out.append(f"{topic}: what does the handbook say about {parts[-1][0].lower() + parts[-1][1:]}?")
+        if len(out) >= limit:
+            break
     return out
 
 

@@ -85,3 +85,12 @@ def make_docx(path: Path, title: str, sections: list[tuple[str, list[str]]],
                 t.cell(r, c).text = cell
     d.save(str(path))
     return path
+
+
+def make_chunk(text: str, source: str = "a.md", chunk_id: str | None = None, **fields):
+    """A Chunk for tests that only care about some of its fields."""
+    from core.bundle import Chunk
+
+    return Chunk(chunk_id=chunk_id or f"{source}:{abs(hash(text)) % 10**8}", source=source,
+                 location=fields.pop("location", ""), title=fields.pop("title", ""), text=text,
+                 n_tokens=fields.pop("n_tokens", len(text.split())), **fields)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from builder import chat_examples
+from core.bundle import Chunk
 from core.gold import GoldMatcher
 from core.prompting import REFUSAL, parse_citations
 
 
-def _chunk(i: int, source: str, text: str, kind: str = "text") -> dict:
-    return {"chunk_id": f"c{i:03d}", "source": source, "location": f"Doc {source} > Part {i}", "title": source,
-            "text": f"{source} > Part {i}\n{text}", "n_tokens": len(text.split()), "kind": kind}
+def _chunk(i: int, source: str, text: str, kind: str = "text") -> Chunk:
+    return Chunk(f"c{i:03d}", source, f"Doc {source} > Part {i}", source, f"{source} > Part {i}\n{text}",
+                 len(text.split()), kind)
 
 
-def _corpus() -> list[dict]:
+def _corpus() -> list[Chunk]:
     chunks = []
     for d in range(6):
         for p in range(4):
@@ -62,7 +64,7 @@ def test_most_examples_hold_the_gold_chunk_and_cite_it_some_hold_nothing_and_ref
     rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.2, seed=3)
     assert len(rows) == len(questions)
-    by_id = {c["chunk_id"]: c for c in chunks}
+    by_id = {c.chunk_id: c for c in chunks}
     absent = [r for r in rows if not r["gold_in_context"]]
     assert 0.1 < len(absent) / len(rows) < 0.3
     for r in rows:
@@ -74,13 +76,13 @@ def test_most_examples_hold_the_gold_chunk_and_cite_it_some_hold_nothing_and_ref
         if r["gold_in_context"]:
             cited = parse_citations(target["content"], len(context))
             assert cited == r["cited"] and len(cited) == 1
-            assert context[cited[0] - 1]["chunk_id"] in r["gold_chunk_ids"]
+            assert context[cited[0] - 1].chunk_id in r["gold_chunk_ids"]
             assert target["content"].startswith(r["answer"])
         else:
             assert target["content"] == REFUSAL
-            gold_source = by_id[r["gold_chunk_ids"][0]]["source"]
-            assert all(c["source"] != gold_source for c in context)
-            assert all(r["answer"].lower() not in c["text"].lower() for c in context)
+            gold_source = by_id[r["gold_chunk_ids"][0]].source
+            assert all(c.source != gold_source for c in context)
+            assert all(r["answer"].lower() not in c.text.lower() for c in context)
 
 
 def test_gold_chunk_missed_by_the_retriever_is_put_into_the_context():
@@ -103,16 +105,13 @@ def test_a_training_questions_own_qa_chunk_never_enters_its_context():
     chunks.append(own)
     ranking = [[len(chunks) - 1, 4, 0, 1]]
     rows = chat_examples.make_chat_examples([q], chunks, ranking, context_chunks=3, p_gold_absent=0.0, seed=0)
-    assert own["chunk_id"] not in rows[0]["context_chunk_ids"]
-    assert rows[0]["gold_chunk_ids"] == [chunks[4]["chunk_id"]]
+    assert own.chunk_id not in rows[0]["context_chunk_ids"]
+    assert rows[0]["gold_chunk_ids"] == [chunks[4].chunk_id]
 
 
-def _long_corpus() -> list[dict]:
+def _long_corpus() -> list[Chunk]:
     """The corpus with every chunk padded to ~170 words, so contexts must be cut to fit."""
-    chunks = _corpus()
-    for c in chunks:
-        c["text"] = c["text"] + " " + " ".join(f"filler{k}" for k in range(150))
-    return chunks
+    return [replace(c, text=c.text + " " + " ".join(f"filler{k}" for k in range(150))) for c in _corpus()]
 
 
 def count(messages: list[dict]) -> int:
@@ -126,10 +125,10 @@ def test_contexts_are_shortened_to_fit_max_tokens_without_touching_the_gold_pass
     rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
                                        p_gold_absent=0.0, seed=0, count=count, max_tokens=330)
     assert rows
-    by_id = {c["chunk_id"]: c for c in chunks}
+    by_id = {c.chunk_id: c for c in chunks}
     for r in rows:
         assert count(r["messages"]) <= 330
-        gold_text = by_id[r["gold_chunk_ids"][0]]["text"]
+        gold_text = by_id[r["gold_chunk_ids"][0]].text
         assert gold_text in r["messages"][1]["content"]
 
 
@@ -149,7 +148,7 @@ def test_synthetic_pairs_quote_a_sentence_of_their_chunk_and_are_deterministic()
     assert a == b and len(a) == 10
     assert len({q["source"] for q in a}) > 2  # spread over documents, not the first chunks only
     for q in a:
-        assert q["answer"] in chunks[q["gold"][0]]["text"]
+        assert q["answer"] in chunks[q["gold"][0]].text
         assert q["question"].endswith(("?", "."))
 
 
@@ -169,7 +168,7 @@ def test_teacher_pairs_keep_only_answers_copied_from_the_passage():
 
     got = chat_examples.teacher_qa_pairs(chunks, ask, per_chunk=1, limit=10)
     assert sorted(q["question"] for q in got) == ["Records?", "What figure for item 00?"]
-    assert all(q["origin"] == "teacher" and q["answer"] in chunks[q["gold"][0]]["text"] for q in got)
+    assert all(q["origin"] == "teacher" and q["answer"] in chunks[q["gold"][0]].text for q in got)
 
 
 def test_the_same_inputs_give_the_same_examples():

@@ -13,6 +13,7 @@ from builder import embedder, embedder_pairs, ingest
 from core.config import ChunkConfig, IngestConfig, load_config
 from core.hashing import file_sha256
 from core.models import build_tiny_bert
+from core.retrieval import encode_texts
 from core.text import normalize
 
 KNOWLEDGE = Path(__file__).resolve().parent.parent / "knowledge"
@@ -35,12 +36,12 @@ def chunks() -> list[dict]:
     docs = [d for d in res.documents if d.source in ("maize.md", "beans.md")]
     assert docs, "knowledge/crops lacks maize.md and beans.md"
     cfg = ChunkConfig(max_tokens=60, overlap_tokens=0, min_tokens=8)
-    return [c.to_dict() for c in chunk_stage.run(cfg, docs, lambda ts: [len(t.split()) + 2 for t in ts])]
+    return list(chunk_stage.run(cfg, docs, lambda ts: [len(t.split()) + 2 for t in ts]))
 
 
 @pytest.fixture(scope="module")
 def base_model(chunks, tmp_path_factory) -> Path:
-    return build_tiny_bert([c["text"] for c in chunks], tmp_path_factory.mktemp("base") / "tiny-bert", seed=3)
+    return build_tiny_bert([c.text for c in chunks], tmp_path_factory.mktemp("base") / "tiny-bert", seed=3)
 
 
 def same_model(copy: Path, original: Path) -> bool:
@@ -116,7 +117,7 @@ def test_question_pairs_repeat_with_a_fresh_negative_while_synthetic_pairs_appea
     cloze = embedder_pairs.EmbedderPair("A sentence from chunk one.", 1, "ict", [1], negatives=[6])
     columns = embedder.training_rows([question, cloze], chunks, n_negatives=1, question_repeats=3)
     assert columns["anchor"] == [question.query] * 3 + [cloze.query]
-    assert columns["negative_1"] == [chunks[i]["text"] for i in (3, 4, 5, 6)]
+    assert columns["negative_1"] == [chunks[i].text for i in (3, 4, 5, 6)]
 
 
 def test_promotion_decision_needs_a_gain_above_min_gain():
@@ -150,11 +151,11 @@ def cloze_questions(chunks: list[dict], n: int) -> list[dict]:
     """Questions made from the chunks' own sentences: the answer is the sentence's last four words."""
     out = []
     for c in chunks:
-        for sentence in c["text"].splitlines()[1:]:
+        for sentence in c.text.splitlines()[1:]:
             words = sentence.split()
             if len(words) >= 10:
                 out.append({"question": "What about " + " ".join(words[:5]) + "?", "answer": " ".join(words[-4:]),
-                            "source": c["source"]})
+                            "source": c.source})
                 break
         if len(out) == n:
             break
@@ -172,7 +173,7 @@ def test_a_remined_round_trains_the_questions_on_negatives_the_trained_model_ran
     assert len(pairs) > 32 and not unmatched
     cloze = embedder_pairs.synthetic_pairs(chunks, per_chunk=1, limit=4, supervised={})
     model = SentenceTransformer(str(base_model), device="cpu")
-    emb = embedder.encode_texts(model, [c["text"] for c in chunks])
+    emb = encode_texts(model, [c.text for c in chunks], autocast_device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     info, new_emb = embedder.remine_round(model, pairs + cloze, chunks, emb, tiny_cfg("embedder.learning_rate=1e-3"),
                                           "cpu")
@@ -188,7 +189,7 @@ def test_a_remined_round_trains_the_questions_on_negatives_the_trained_model_ran
     embedder_pairs.mine_hard_negatives(probe, chunks, ranker, 1)
     for p in probe:
         assert p.negatives and p.negatives[0] not in set(p.relevant) | {p.positive}
-        assert normalize(p.answer) not in normalize(chunks[p.negatives[0]]["text"])
+        assert normalize(p.answer) not in normalize(chunks[p.negatives[0]].text)
 
 
 def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chunks, base_model, tmp_path):
@@ -202,7 +203,7 @@ def test_a_remined_round_that_does_not_improve_the_held_out_split_is_undone(chun
     assert rounds[0]["heldout"]["mrr@10"] == pytest.approx(info["gate"]["finetuned"]["mrr@10"], abs=1e-6)
     if info["finetuned"]:  # the shipped model is the first round's, whose embeddings the index reuses
         shipped = SentenceTransformer(str(tmp_path / "embedder"), device="cpu")
-        again = embedder.encode_texts(shipped, [c["text"] for c in chunks])
+        again = encode_texts(shipped, [c.text for c in chunks], autocast_device="cpu")
         assert abs(again - info["chunk_embeddings"]).max() < 1e-2
 
 
@@ -286,7 +287,7 @@ def test_training_with_source_grouped_batches_and_the_setting_checked(chunks, ba
 def test_the_tiny_embedder_gets_the_same_vocabulary_on_every_build(chunks, tmp_path):
     """Chunk boundaries are counted in the base embedder's tokens: a vocabulary that changed from build to
     build (tokenizers' WordPiece trainer breaks ties in hash order) changed the chunks and their ids."""
-    texts = [c["text"] for c in chunks]
+    texts = [c.text for c in chunks]
     first = build_tiny_bert(texts, tmp_path / "a", seed=3)
     second = build_tiny_bert(texts, tmp_path / "b", seed=3)
     vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (first, second)]

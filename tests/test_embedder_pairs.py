@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,11 +93,11 @@ def kb(tmp_path) -> Path:
 def chunks(kb) -> list[dict]:
     res = ingest.run(IngestConfig(), kb, log=lambda _: None)
     cfg = ChunkConfig(max_tokens=40, overlap_tokens=0, min_tokens=4)
-    return [c.to_dict() for c in chunk_stage.run(cfg, res.documents, word_counter)]
+    return list(chunk_stage.run(cfg, res.documents, word_counter))
 
 
 def position(chunks, needle: str) -> int:
-    hits = [i for i, c in enumerate(chunks) if needle.lower() in c["text"].lower()]
+    hits = [i for i, c in enumerate(chunks) if needle.lower() in c.text.lower()]
     assert len(hits) == 1, (needle, hits)
     return hits[0]
 
@@ -107,7 +108,7 @@ def test_question_is_paired_with_the_chunk_that_holds_its_answer(chunks):
     (p,) = pairs
     assert p.positive == position(chunks, "50 kg of DAP")
     assert p.exact and p.kind == "question" and p.source == "maize.md"
-    assert "apply 50 kg of dap fertilizer per acre" in chunks[p.positive]["text"].lower()
+    assert "apply 50 kg of dap fertilizer per acre" in chunks[p.positive].text.lower()
 
 
 def test_paraphrased_answer_is_matched_by_word_overlap_within_its_source(chunks):
@@ -128,8 +129,8 @@ def test_heading_and_title_queries_ask_for_their_own_section(chunks):
     queries = {p.query: p for p in pairs}
     assert "Maize guide: Weeding" in queries and "Beans guide: Pests" in queries
     weeding = queries["Maize guide: Weeding"]
-    assert chunks[weeding.positive]["location"].endswith("Weeding")
-    assert all(chunks[i]["location"] == chunks[weeding.positive]["location"] for i in weeding.relevant)
+    assert chunks[weeding.positive].location.endswith("Weeding")
+    assert all(chunks[i].location == chunks[weeding.positive].location for i in weeding.relevant)
     assert {p.kind for p in pairs} <= {"heading", "title"}
 
 
@@ -140,7 +141,7 @@ def test_inverse_cloze_query_is_a_sentence_cut_from_its_positive(chunks):
     assert p.query == sentence and p.kind == "ict"
     assert sentence not in p.positive_text
     assert "Apply 50 kg of DAP" in p.positive_text  # the rest of the chunk stays
-    assert p.positive_text.split("\n")[0] == chunks[pos]["text"].split("\n")[0]  # and so does the title line
+    assert p.positive_text.split("\n")[0] == chunks[pos].text.split("\n")[0]  # and so does the title line
     kept = embedder_pairs.ict_pair(chunks, pos, sentence, keep=True)
     assert sentence in kept.positive_text
 
@@ -159,9 +160,10 @@ def test_hard_negatives_are_similar_chunks_that_do_not_hold_the_answer(chunks):
     """The beans fertilizer chunk shares the query's keywords but not its answer: a true hard negative. A copy of
     the answer sentence planted in the beans harvest chunk makes that chunk a false negative, to be dropped."""
     harvest = position(chunks, "Harvest beans when")
-    chunks[harvest]["text"] += " Apply 50 kg of DAP fertilizer per acre at planting time for maize."
+    chunks[harvest] = replace(chunks[harvest], text=chunks[harvest].text
+                              + " Apply 50 kg of DAP fertilizer per acre at planting time for maize.")
     pairs, _ = embedder_pairs.question_pairs([dict(QA[0], source=None)], chunks)
-    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
     dropped = embedder_pairs.mine_hard_negatives(pairs, chunks, ranker, n=2)
     (p,) = pairs
     beans_fertilizer = position(chunks, "Beans need little nitrogen")
@@ -170,16 +172,17 @@ def test_hard_negatives_are_similar_chunks_that_do_not_hold_the_answer(chunks):
     assert beans_fertilizer in p.negatives
     assert dropped["relevant"] >= 1
     norm = normalize(p.answer)
-    assert all(norm not in normalize(chunks[i]["text"]) for i in p.negatives)
+    assert all(norm not in normalize(chunks[i].text) for i in p.negatives)
 
 
 def test_answer_string_filters_negatives_outside_the_relevant_set(chunks):
     """A chunk from another document that holds the answer is not relevant to a sourced question, yet it is
     still no negative."""
     harvest = position(chunks, "Harvest beans when")
-    chunks[harvest]["text"] += " Apply 50 kg of DAP fertilizer per acre at planting time for maize."
+    chunks[harvest] = replace(chunks[harvest], text=chunks[harvest].text
+                              + " Apply 50 kg of DAP fertilizer per acre at planting time for maize.")
     pairs, _ = embedder_pairs.question_pairs(QA[:1], chunks)
-    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
     dropped = embedder_pairs.mine_hard_negatives(pairs, chunks, ranker, n=len(chunks))
     assert harvest not in pairs[0].relevant and harvest not in pairs[0].negatives
     assert dropped["contains_answer"] >= 1
@@ -206,7 +209,7 @@ def test_teacher_questions_are_kept_only_when_they_retrieve_their_chunk(chunks):
     teacher = FakeTeacher()
     generated = embedder_pairs.teacher_queries(chunks, [dap], client_ask(teacher, "fake"), n=2)
     assert len(generated) == 2 and teacher.calls == 1
-    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c["text"] for c in chunks]))
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
     kept, rejected = embedder_pairs.round_trip_filter(generated, ranker.rank, k=1)
     assert [p.query for p in kept] == ["How much DAP fertilizer for maize?"]
     assert rejected == 1 and kept[0].positive == dap and kept[0].kind == "teacher"
@@ -215,7 +218,7 @@ def test_teacher_questions_are_kept_only_when_they_retrieve_their_chunk(chunks):
 def test_make_embedder_pairs_uses_a_configured_teacher_and_counts_everything(chunks):
     cfg = load_config("tiny", overrides=["datagen.teacher_url=http://teacher.invalid/v1",
                                          "datagen.teacher_model=fake", "datagen.hard_negatives=1"])
-    emb = keyword_encoder([c["text"] for c in chunks])
+    emb = keyword_encoder([c.text for c in chunks])
     pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, QA, keyword_encoder, emb, teacher=client_ask(FakeTeacher(), "fake"))
     assert stats["question"] == 2 and stats["unmatched_questions"] == 1
     assert stats["teacher"] >= 1 and stats["ict"] >= 1
@@ -236,7 +239,7 @@ def test_pairs_file_lists_splits_and_chunk_ids(chunks, tmp_path):
     path = embedder_pairs.write_pairs(tmp_path / "pairs.jsonl", pairs[:1], pairs[1:], chunks)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["split"] for r in rows] == ["train", "eval"]
-    assert rows[0]["positive_chunk_id"] == chunks[pairs[0].positive]["chunk_id"]
+    assert rows[0]["positive_chunk_id"] == chunks[pairs[0].positive].chunk_id
     assert rows[0]["answer"] == QA[0]["answer"] and rows[0]["source"] == "maize.md"
 
 

@@ -9,6 +9,7 @@ import pytest
 from builder import evaluate_answers
 from core.hf_engine import generate_batches, merge_adapter
 from core.prompting import REFUSAL
+from tests.docs_factory import make_chunk
 
 Q = {"question": "How much DAP per acre at planting?", "answer": "50 kg of DAP per acre", "source": "crops/maize.md"}
 GOLD = {"text": "Maize > Fertilizer\nApply 50 kg of DAP per acre at planting.", "source": "crops/maize.md"}
@@ -62,7 +63,7 @@ class FakeRetriever:
         for q in queries:
             words = set(q.lower().split())
             scored = sorted(range(len(self.chunks)),
-                            key=lambda i: (-len(words & set(self.chunks[i]["text"].lower().split())), i))
+                            key=lambda i: (-len(words & set(self.chunks[i].text.lower().split())), i))
             out.append([(i, 1.0) for i in scored[:k]])
         return out
 
@@ -71,8 +72,8 @@ def _chunks():
     chunks = []
     for d in range(5):
         for p in range(3):
-            chunks.append({"chunk_id": f"{d}-{p}", "source": f"doc{d}.md", "location": "", "kind": "text",
-                           "text": f"doc{d} part{p}: the answer for topic{d} is value{d}{p} and more words"})
+            chunks.append(make_chunk(f"doc{d} part{p}: the answer for topic{d} is value{d}{p} and more words",
+                                     f"doc{d}.md", f"{d}-{p}"))
     return chunks
 
 
@@ -103,7 +104,7 @@ def tiny_model_and_adapter(tmp_path_factory):
     from core.models import build_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny-gen")
-    base = build_tiny_llama([c["text"] for c in _chunks()] * 20, root / "base", seed=1, vocab_size=400)
+    base = build_tiny_llama([c.text for c in _chunks()] * 20, root / "base", seed=1, vocab_size=400)
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
                            LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],

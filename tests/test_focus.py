@@ -121,7 +121,7 @@ def test_the_answer_evaluation_prompts_with_cut_passages_and_scores_citations_on
     cfg = config_from_dict(bundle.manifest["config"])
     retriever = Retriever.load(bundle.path)
     questions = [json.loads(line) for line in (tiny_bundle / "eval" / "heldout.jsonl").open()][:3]
-    focus = PassageFocus.from_texts([c["text"] for c in retriever.chunks], words, 6, 4, stemmer="english")
+    focus = PassageFocus.from_texts([c.text for c in retriever.chunks], words, 6, 4, stemmer="english")
     seen: dict = {}
 
     def fake_generate(engine, model, batches, *args, **kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from builder.evaluate_retrieval import evaluate_retriever, retrieval_metrics, re
 from core.bundle import Bundle, BundleError
 from core.gold import GoldMatcher
 from core.retrieval import BM25Index, DenseIndex, Retriever, rrf_fuse
+from tests.docs_factory import make_chunk
 
 VOCAB = ["k0", "k1", "k2", "k3", "k4", "k5"]
 
@@ -29,12 +31,12 @@ def one_hot(texts):
 
 # Cosine with q1 = "k0 k1": A 1, B .816, D .707, C .408, E/F 0. With q3 = "k2 k3": C .816, F .5, B .408, rest 0.
 CHUNKS = [
-    {"chunk_id": "A", "source": "a.md", "text": "k0 k1 apples"},
-    {"chunk_id": "B", "source": "doc2.md", "text": "k0 k1 k2 harvest in june"},
-    {"chunk_id": "C", "source": "c.md", "text": "k0 k2 k3 cherries"},
-    {"chunk_id": "D", "source": "d.md", "text": "k0 sunrise"},
-    {"chunk_id": "E", "source": "e.md", "text": "k4 elderberries"},
-    {"chunk_id": "F", "source": "doc2.md", "text": "k3 k5 harvest in june"},
+    make_chunk("k0 k1 apples", "a.md", "A"),
+    make_chunk("k0 k1 k2 harvest in june", "doc2.md", "B"),
+    make_chunk("k0 k2 k3 cherries", "c.md", "C"),
+    make_chunk("k0 sunrise", "d.md", "D"),
+    make_chunk("k4 elderberries", "e.md", "E"),
+    make_chunk("k3 k5 harvest in june", "doc2.md", "F"),
 ]
 QUESTIONS = [
     {"question": "k0 k1", "answer": "Sunrise", "source": "d.md"},  # relevant D, ranked 3rd
@@ -45,8 +47,8 @@ QUESTIONS = [
 
 @pytest.fixture()
 def retriever():
-    dense = DenseIndex.build(one_hot([c["text"] for c in CHUNKS]))
-    bm25 = BM25Index.build([c["text"] for c in CHUNKS])
+    dense = DenseIndex.build(one_hot([c.text for c in CHUNKS]))
+    bm25 = BM25Index.build([c.text for c in CHUNKS])
     return Retriever(CHUNKS, one_hot, dense, bm25, mode="dense")
 
 
@@ -141,8 +143,8 @@ def two_embedder_bundle(tmp_path, monkeypatch) -> Path:
     from core.models import build_tiny_bert
     from core.retrieval import encode_texts
 
-    texts = [f"{c['text']} " + " ".join(["field notes"] * i) for i, c in enumerate(CHUNKS)]
-    chunks = [dict(c, text=t, location="", title="", n_tokens=10, kind="text") for c, t in zip(CHUNKS, texts)]
+    texts = [f"{c.text} " + " ".join(["field notes"] * i) for i, c in enumerate(CHUNKS)]
+    chunks = [replace(c, text=t, n_tokens=10) for c, t in zip(CHUNKS, texts)]
     root = tmp_path / "bundle"
     build_tiny_bert(texts * 3, root / "embedder-base", seed=1)
     build_tiny_bert(texts * 3, root / "embedder", seed=2)
@@ -174,7 +176,7 @@ def test_report_scores_bm25_base_finetuned_and_served_on_the_same_questions(two_
     assert report["finetuned"] == evaluate_retriever(served, QUESTIONS, mode="dense")
     # "base" is the base embedder's own dense retrieval, whatever the shipped embedder does
     base_model = SentenceTransformer(str(two_embedder_bundle / "embedder-base"), device="cpu")
-    base_emb = base_model.encode([c["text"] for c in served.chunks], normalize_embeddings=True)
+    base_emb = base_model.encode([c.text for c in served.chunks], normalize_embeddings=True)
     by_hand = Retriever(served.chunks, st_encoder(base_model), DenseIndex.build(base_emb), None, mode="dense")
     assert report["base"] == evaluate_retriever(by_hand, QUESTIONS, mode="dense")
 
@@ -295,7 +297,7 @@ def test_passage_gap_trims_what_the_llm_gets_under_zscore_fusion_only(retriever)
     assert gaps[1] < gaps[2]  # a list whose cut below can fall between the 2nd and 3rd
     retriever.passage_gap = (gaps[1] + gaps[2]) / 2
     assert retriever.passages(["k0 k1"], 4)[0] == ranked[:2]
-    assert [h.chunk_id for h in retriever.search("k0 k1", k=4, trim=True)] == [CHUNKS[p]["chunk_id"] for p, _ in ranked[:2]]
+    assert [h.chunk_id for h in retriever.search("k0 k1", k=4, trim=True)] == [CHUNKS[p].chunk_id for p, _ in ranked[:2]]
     assert len(retriever.search("k0 k1", k=4)) == 4  # search alone (/v1/retrieve) is never trimmed
     assert len(retriever.search("k0 k1", k=4, mode="dense", trim=True)) == 4  # another mode: not the served scores
     retriever.fusion = "rrf:60"  # rank-based scores have no scale to measure a gap on
@@ -321,9 +323,9 @@ def test_fusion_specs_are_checked():
 def test_sentence_windows_cover_each_chunk_body_after_its_header():
     from builder.index import sentence_windows
 
-    chunks = [{"text": "Title > Part\nOne is here. Two is here. Three is here. Four is here."},
-              {"text": "Short\nOnly one. And two."},
-              {"text": "no header line: Alpha. Beta. Gamma."}]
+    chunks = [make_chunk("Title > Part\nOne is here. Two is here. Three is here. Four is here."),
+              make_chunk("Short\nOnly one. And two."),
+              make_chunk("no header line: Alpha. Beta. Gamma.")]
     texts, owner = sentence_windows(chunks, size=2, stride=2)
     assert texts == ["Title > Part\nOne is here. Two is here.", "Title > Part\nThree is here. Four is here.",
                      "no header line: Alpha. Beta.", "Beta. Gamma."]
@@ -365,7 +367,7 @@ def test_report_scores_the_chunk_vectors_apart_when_the_index_has_windows(two_em
     from core.retrieval import load_chunks
 
     root = two_embedder_bundle
-    chunks = [dict(c, text=c["text"] + ". Notes were taken. More notes here.") for c in load_chunks(root / "index")]
+    chunks = [replace(c, text=c.text + ". Notes were taken. More notes here.") for c in load_chunks(root / "index")]
     info = index.run(chunks, root, windows=1)
     assert info["sentence_windows"]["count"] == 3 * len(chunks) and info["vectors"] == 4 * len(chunks)
     served = Retriever.load(root)
@@ -373,6 +375,6 @@ def test_report_scores_the_chunk_vectors_apart_when_the_index_has_windows(two_em
     report = retrieval_report(Bundle.load(root), QUESTIONS)
     assert list(report) == ["bm25", "base", "finetuned", "finetuned_chunk_vectors", "served"]
     assert report["finetuned"] == evaluate_retriever(served, QUESTIONS, mode="dense")
-    own = served.encoder([c["text"] for c in chunks])
+    own = served.encoder([c.text for c in chunks])
     chunk_only = Retriever(served.chunks, served.encoder, DenseIndex.build(own), None, mode="dense")
     assert report["finetuned_chunk_vectors"] == evaluate_retriever(chunk_only, QUESTIONS, mode="dense")

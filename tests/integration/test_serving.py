@@ -33,7 +33,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 @pytest.fixture(scope="module")
 def expected_document(served) -> str:
     chunks = load_chunks(served.bundle / INDEX_DIR)
-    holders = {c["source"] for c in chunks if ANSWER_TERM in c["text"].lower()}
+    holders = {c.source for c in chunks if ANSWER_TERM in c.text.lower()}
     assert len(holders) == 1, f"precondition: exactly one document should mention {ANSWER_TERM!r}, got {holders}"
     return holders.pop()
 
