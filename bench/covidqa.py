@@ -1,7 +1,9 @@
 """COVID-QA benchmark: a bundle built from 98 CORD-19 articles, trained on 70% of the questions, scored on the rest.
 
 The articles become a knowledge folder (one plain-text document each) under bench/work/, the questions two files
-split by a hash of their id (70% passed to the build with --questions, 30% held out). The bundle is built with
+split by a hash of the normalized question (70% passed to the build with --questions, 30% held out as the test
+split), so a question asked twice cannot be on both sides. The build chooses its settings on questions it holds
+back from its training share (its dev split); the test split is scored once. The bundle is built with
 the cpu profile and scored with the code behind `assistant eval`; the table is printed and the numbers written to
 bench/results/covidqa.json (full runs) or bench/work/ (runs on a subset of articles).
 
@@ -43,6 +45,7 @@ def load_articles(data_dir: Path) -> list[dict]:
 
 def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict:
     """Write work_dir/knowledge/article_<id>.txt and work_dir/{train,heldout}.jsonl; return their paths and counts."""
+    from builder.questions import split_key
     from core.hashing import stable_fraction
 
     paragraphs = load_articles(data_dir)[:articles] if articles else load_articles(data_dir)
@@ -57,7 +60,8 @@ def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict
         for qa in p["qas"]:
             row = {"question": qa["question"].strip(), "answer": qa["answers"][0]["text"].strip(),
                    "source": name, "id": qa["id"]}
-            (held if stable_fraction(str(qa["id"]), SPLIT_SEED) < HELDOUT_FRACTION else train).append(row)
+            side = stable_fraction(split_key(row["question"]), SPLIT_SEED) < HELDOUT_FRACTION
+            (held if side else train).append(row)
     paths = {"knowledge": knowledge, "train": work_dir / "train.jsonl", "heldout": work_dir / "heldout.jsonl"}
     for key, rows in (("train", train), ("heldout", held)):
         with open(paths[key], "w", encoding="utf-8") as fh:
@@ -77,6 +81,17 @@ def relevance_kinds(bundle_path: Path, questions: list[dict]) -> dict[str, int]:
     exact = sum(any(normalize(q["answer"]) in normalize(chunks[i].text) for i in by_source.get(q["source"], []))
                 for q in questions)
     return {"answer_in_chunk": exact, "document_fallback": len(questions) - exact}
+
+
+def commit() -> str:
+    """The checked-out commit, with "+changes" when the tree differs from it (a result of uncommitted code)."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> str:
@@ -147,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         "passage_tokens": list(Bundle.load(bundle_path).passage_tokens),
         "llm": {k: manifest["models"]["llm"].get(k) for k in ("decision", "adapter", "merged", "merged_w8a8", "training")},
         "llm_tokens_per_s": (manifest["models"]["llm"].get("training") or {}).get("tokens_per_s"),
+        "selection": {**manifest.get("metrics", {}).get("selection", {}),
+                      "reported": f"test split of bench/covidqa.py ({data['heldout_questions']} questions)"},
         "run": {"command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-                "profile": args.profile, "overrides": overrides, "bundle": str(bundle_path),
-                "machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+                "commit": commit(), "profile": args.profile, "overrides": overrides, "bundle": str(bundle_path),
+                "machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "wall_s": round(time.perf_counter() - t0, 1)},
     }
     out = Path(args.out) if args.out else (REPO / "bench" / "results" / "covidqa.json" if not args.articles
                                             else work / f"covidqa-{args.articles}-articles.json")

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.bundle import Bundle
+from core.bundle import CHUNKS_FILE, HELDOUT_FILE, INDEX_DIR, Bundle, read_chunks
 from core.focus import bundle_focus
 from core.prompting import build_messages
 from core.retrieval import Retriever
@@ -56,11 +56,18 @@ def reset_prefix_cache(vllm_v1: str) -> None:
 
 
 def questions_for(bundle: Bundle, n: int) -> list[str]:
+    """n questions to load the servers with: the bundle's test questions, the UI's example questions, and for a
+    bundle with neither (a folder of plain text without question/answer files) one question per document."""
     qs = []
-    heldout = bundle.path / "eval" / "heldout.jsonl"
+    heldout = bundle.file(HELDOUT_FILE)
     if heldout.is_file():
         qs = [json.loads(line)["question"] for line in heldout.read_text().splitlines() if line.strip()]
     qs += [q for q in example_questions(bundle, limit=n) if q not in qs]
+    if not qs:
+        chunks = read_chunks(bundle.file(INDEX_DIR) / CHUNKS_FILE)
+        qs = list(dict.fromkeys(f"What does {c.title or c.source} say?" for c in chunks))
+    if not qs:
+        raise SystemExit(f"{bundle.path}: no questions to ask (no test split, no headings, no chunks)")
     return [qs[i % len(qs)] for i in range(n)]
 
 
@@ -149,7 +156,9 @@ def hf_batched(bundle: Bundle, weights: str, prompts: list[list[dict]], levels: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = weights.startswith("merged")  # the naive baseline runs the float merged weights, int8 or not in vLLM
+    # The naive baseline runs the float merged weights where vLLM serves them in int8 (transformers has no int8
+    # CPU kernels for them): its row is labelled with what it ran, beside vLLM's.
+    merged = weights.startswith("merged")
     path = bundle.merged_path() if merged else bundle.base_model_path()
     tok = AutoTokenizer.from_pretrained(path if merged else (bundle.adapter_path() or path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -382,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
               if "lora_vs_merged" in results else {}),
            "details": results,
            "meta": {"bundle": bundle.bundle_id, "weights": weights, "profile": bundle.manifest.get("profile"),
+                    "hf_batched_weights": ("merged, float32 (vLLM serves them int8)" if weights == "merged-w8a8"
+                                           else f"{weights}, float32"),
                     "max_tokens": args.max_tokens, "requests": n_requests, "samples": args.samples,
                     "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

@@ -7,15 +7,18 @@ names, and the prompt is ``core.prompting.build_messages``: what is measured is 
 Metrics per system (``answer_report`` returns ``{system: {metric: float}}``, primary metric ``f1``):
 
 - ``exact_match``, ``f1`` (SQuAD token F1), ``rouge_l``: against the gold answer, citation markers removed;
-- ``citation_accuracy``: share of answerable questions whose answer cites a passage ([n]) and whose first
-  cited passage is a chunk of the question's source document (without a source: a chunk holding the answer);
-  an answer that cites nothing counts as wrong. Scored on the answer as served, its markers grounded
-  (``core.citations``); ``citation_accuracy_model`` scores the markers the model wrote;
-- ``refusal_rate``: share of unanswerable questions answered with the refusal sentence. The unanswerable set
+- ``f1_ci``: the 95% bootstrap interval of the mean F1;
+- ``citation_chunk_model``: share of answerable questions whose raw answer (the model's own markers) cites a
+  passage ([n]) whose first cited passage answers the question at chunk level: a chunk the gold matcher
+  (``core.gold``) names, or one holding the gold answer. An answer that cites nothing counts as wrong.
+  ``citation_served`` scores the same on the answer as served, its markers grounded (``core.citations``), which
+  adds a marker to an answer without one; ``always_first`` and ``top_passage`` are what citing [1], or the
+  passage sharing most words with the question, would score without any model;
+- ``refusal_unanswerable``: share of unanswerable questions answered with the refusal sentence. The unanswerable set
   is made deterministically: (a) a quarter of the scored questions (at most 50, chosen by a hash of the
   question), each paired with the best retrieved passages that are *not* from its source document and do not
   contain its answer; (b) the fixed off-topic questions in ``OFF_TOPIC`` with their ordinary retrieval;
-- ``false_refusal_rate``: share of answerable questions that were refused;
+- ``false_refusal``: share of answerable questions that were refused;
 - ``tokens_per_s``: generated tokens per second of generation (engine start-up excluded).
 
 The scored questions are a deterministic subset (``eval.max_answer_questions``, or ``--limit``) chosen by a hash
@@ -37,18 +40,19 @@ import shutil
 import string
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
+from builder.stats import bootstrap_ci, paired_bootstrap
 from core.bundle import ANSWERS_FILE, Bundle, Chunk
 from core.citations import ground_citations
 from core.config import BuildConfig, ServeConfig
-from core.gold import is_own_qa_chunk
+from core.gold import GoldMatcher, is_own_qa_chunk
 from core.hashing import stable_fraction
 from core.hf_engine import generate_batches, load_tokenizer, merge_adapter
 from core.log import say
 from core.prompting import build_messages, is_refusal, parse_citations
-from core.text import normalize
+from core.text import content_words, normalize
 from core.vllm_engine import generate_offline
 
 SYSTEMS = ("base_no_retrieval", "base", "finetuned")
@@ -158,33 +162,62 @@ def unanswerable_cases(retriever, questions: Sequence[dict], top_k: int) -> list
     return cases
 
 
-def cites_gold(answer: str, passages: Sequence[dict], question: dict) -> bool:
+def cites_gold(answer: str, passages: Sequence[dict], question: dict, gold_ids: Collection[str] = ()) -> bool:
+    """Whether the first passage the answer cites ([n]) is a chunk that answers the question: one of
+    ``gold_ids`` (core.gold), or a passage holding the gold answer. Chunk level: another passage of the right
+    document does not count. An answer that cites nothing (or no passage it was given) is wrong."""
     cited = parse_citations(answer, len(passages))
-    if not cited:
-        return False
-    p = passages[cited[0] - 1]
-    if question.get("source"):
-        return p["source"] == question["source"]
-    return normalize(question["answer"]) in normalize(p["text"])
+    return bool(cited) and _is_gold(passages[cited[0] - 1], question, gold_ids)
+
+
+def _is_gold(passage: dict, question: dict, gold_ids: Collection[str]) -> bool:
+    return passage.get("chunk_id") in gold_ids or normalize(question["answer"]) in normalize(passage["text"])
+
+
+def _top_overlap(question: str, passages: Sequence[dict]) -> int:
+    """The passage sharing the most content words with the question (the earlier on ties), 0-based."""
+    want = content_words(question)
+    return max(range(len(passages)), key=lambda j: (len(want & content_words(passages[j]["text"])), -j))
+
+
+def citation_baselines(questions: Sequence[dict], contexts: Sequence[Sequence[dict]],
+                       gold: Sequence[Collection[str]]) -> dict[str, dict[str, float]]:
+    """What citing needs no model to score: always citing [1] (the retriever's best passage), and citing the
+    passage that shares the most words with the question. Scored like ``citation_chunk_model``."""
+    n = max(1, len(questions))
+    first = sum(bool(c) and _is_gold(c[0], q, g) for q, c, g in zip(questions, contexts, gold)) / n
+    top = sum(bool(c) and _is_gold(c[_top_overlap(q["question"], c)], q, g)
+              for q, c, g in zip(questions, contexts, gold)) / n
+    return {"always_first": {"citation_chunk_model": round(first, 4), "citation_served": round(first, 4)},
+            "top_passage": {"citation_chunk_model": round(top, 4), "citation_served": round(top, 4)}}
 
 
 def score(answers: Sequence[str], questions: Sequence[dict], contexts: Sequence[Sequence[dict]] | None,
-          unanswerable: Sequence[str] | None) -> dict[str, float]:
+          unanswerable: Sequence[str] | None, gold: Sequence[Collection[str]] | None = None) -> dict:
     """Metrics of one system: answers to ``questions`` (with ``contexts`` for citations, None without
-    retrieval) and, where given, answers to the unanswerable cases."""
+    retrieval; ``gold``: each question's answering chunk ids) and, where given, answers to the unanswerable
+    cases. ``f1_ci`` is the 95% bootstrap interval of the mean F1; ``_f1`` the per-question F1, for paired
+    comparisons (the caller removes it before writing a report)."""
     n = max(1, len(questions))
-    out = {"exact_match": sum(exact_match(a, q["answer"]) for a, q in zip(answers, questions)) / n,
-           "f1": sum(token_f1(a, q["answer"]) for a, q in zip(answers, questions)) / n,
-           "rouge_l": sum(rouge_l(a, q["answer"]) for a, q in zip(answers, questions)) / n}
+    f1s = [token_f1(a, q["answer"]) for a, q in zip(answers, questions)]
+    out: dict = {"exact_match": sum(exact_match(a, q["answer"]) for a, q in zip(answers, questions)) / n,
+                 "f1": sum(f1s) / n,
+                 "rouge_l": sum(rouge_l(a, q["answer"]) for a, q in zip(answers, questions)) / n}
     if contexts is not None:
-        # As served: the gateway grounds each marker (serving/citations.py); the model's own markers beside it.
-        out["citation_accuracy"] = sum(cites_gold(ground_citations(a, c), c, q)
-                                       for a, c, q in zip(answers, contexts, questions)) / n
-        out["citation_accuracy_model"] = sum(cites_gold(a, c, q) for a, c, q in zip(answers, contexts, questions)) / n
-        out["false_refusal_rate"] = sum(is_refusal(a) for a in answers) / n
+        gold = gold if gold is not None else [()] * len(questions)
+        # The model's own markers on its raw output; beside it, the answer as served, its markers grounded by
+        # the gateway (core/citations.py), which also adds one to an answer that has none.
+        out["citation_chunk_model"] = sum(cites_gold(a, c, q, g) for a, c, q, g in
+                                          zip(answers, contexts, questions, gold)) / n
+        out["citation_served"] = sum(cites_gold(ground_citations(a, c), c, q, g) for a, c, q, g in
+                                     zip(answers, contexts, questions, gold)) / n
+        out["false_refusal"] = sum(is_refusal(a) for a in answers) / n
     if unanswerable is not None:
-        out["refusal_rate"] = sum(is_refusal(a) for a in unanswerable) / max(1, len(unanswerable))
-    return {k: round(v, 4) for k, v in out.items()}
+        out["refusal_unanswerable"] = sum(is_refusal(a) for a in unanswerable) / max(1, len(unanswerable))
+    out = {k: round(v, 4) for k, v in out.items()}
+    out["f1_ci"] = bootstrap_ci(f1s)
+    out["_f1"] = f1s
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -233,7 +266,10 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
     max_new = cfg.llm.max_new_tokens
     eager = {"yes": True, "no": False}.get(str(cfg.eval.vllm_eager).lower())  # auto: None, eager on the CPU
     contexts = retrieve_contexts(retriever, questions, top_k)
+    matcher = GoldMatcher(retriever.chunks)
+    gold = [{retriever.chunks[i].chunk_id for i in matcher.gold(q)} for q in questions]
     unans = unanswerable_cases(retriever, questions, top_k)
+
     def given(question: str, passages: list[dict]) -> list[dict]:
         return focus.apply(question, passages) if focus is not None else passages
 
@@ -286,20 +322,24 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
             used.update({k: eng for k in res})
     # The retrieval systems first: a table printer that takes its columns from the first row shows them all.
     if "base" in results:
-        report["base"] = _metrics(results, "base", questions, contexts, "base_unanswerable", used["base"])
+        report["base"] = _metrics(results, "base", questions, contexts, "base_unanswerable", used["base"], gold)
     if "finetuned" in results:
         report["finetuned"] = _metrics(results, "finetuned", questions, contexts, "finetuned_unanswerable",
-                                       used["finetuned"])
+                                       used["finetuned"], gold)
     if "base_no_retrieval" in results:
         report["base_no_retrieval"] = _metrics(results, "base_no_retrieval", questions, None, None,
                                                used["base_no_retrieval"])
+    if "base" in report and "finetuned" in report:
+        report["finetuned_vs_base"] = paired_bootstrap(report["finetuned"]["_f1"], report["base"]["_f1"])
+    report.update(citation_baselines(questions, contexts, gold))
     report["examples"] = _examples(questions, contexts, report)
     return report
 
 
-def _metrics(res: dict, name: str, questions, contexts, unans_name: str | None, engine: str) -> dict:
+def _metrics(res: dict, name: str, questions, contexts, unans_name: str | None, engine: str,
+             gold: Sequence[Collection[str]] | None = None) -> dict:
     texts = res[name]["texts"]
-    m = score(texts, questions, contexts, res[unans_name]["texts"] if unans_name else None)
+    m = score(texts, questions, contexts, res[unans_name]["texts"] if unans_name else None, gold)
     seconds = res[name]["seconds"] + (res[unans_name]["seconds"] if unans_name else 0)
     tokens = res[name]["tokens"] + (res[unans_name]["tokens"] if unans_name else 0)
     m["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 else 0.0
@@ -324,6 +364,7 @@ def _examples(questions, contexts, report: dict, n: int = 5) -> list[dict]:
     for s in SYSTEMS:
         if s in report:
             report[s].pop("_answers")
+            report[s].pop("_f1")
     return rows
 
 
@@ -359,5 +400,5 @@ def answers_cache_key(questions: Sequence[dict], cfg: BuildConfig, top_k: int, f
     """What ``eval/answers.json`` is valid for: the questions and every setting that changes an answer."""
     settings = {"top_k": top_k, "max_new_tokens": cfg.llm.max_new_tokens, "finetuned": finetuned,
                 "passage_gap": cfg.retrieval.passage_gap, "quantize": cfg.serve.quantize,
-                "passage_tokens": list(passage_tokens), "v": 3}
+                "passage_tokens": list(passage_tokens), "v": 4}
     return question_digest(questions, settings)

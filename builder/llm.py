@@ -61,14 +61,16 @@ GATE_SLICE, GATE_MIN, GATE_MAX = 0.1, 10, 60
 
 
 def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions: list[dict],
-        heldout: list[dict], bundle_dir: Path, device: str = "cpu", retrieval_mode: str | None = None) -> dict:
-    """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry."""
+        dev: list[dict], test: list[dict], bundle_dir: Path, device: str = "cpu",
+        retrieval_mode: str | None = None) -> dict:
+    """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry. The gate decides on
+    ``dev`` (or a slice held back from training); ``test`` is scored once, after the decision, and reported."""
     if not cfg.llm.finetune:
         return {"adapter": None, "merged": None, "decision": "fine-tuning disabled (llm.finetune=false)"}
     bundle_dir = Path(bundle_dir)
     base = str(base)
     retriever = load_retriever(bundle_dir, cfg, retrieval_mode)
-    gate_questions, train_questions, gate_from = split_gate(heldout, train_questions, cfg.seed)
+    gate_questions, train_questions, gate_from = split_gate(dev, train_questions, cfg.seed)
 
     requested = cfg.llm.max_steps
     # The steps this folder trains for; the caller's config is left as it was asked for.
@@ -115,44 +117,57 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
         with step(f"int8 weights for serving on the CPU ({MERGED_W8A8_DIR})"):
             int8_dir = quantize_checkpoint(merged_dir, bundle_dir / MERGED_W8A8_DIR)
 
+    focus = focus_for(retriever, base, *passage_budgets(cfg))
+
+    def answers(questions: list[dict], systems, label: str) -> dict:
+        with step(f"answer evaluation on {len(questions)} questions ({label})"):
+            return evaluate_answers(retriever, questions, cfg.retrieval.top_k, base, cfg, adapter=str(adapter_dir),
+                                    merged=str(merged_dir) if merged_dir else None,
+                                    merged_w8a8=str(int8_dir) if int8_dir else None, systems=systems, log=say,
+                                    focus=focus)
+
     report: dict = {}
     if gate_questions:
-        picked = select_questions(gate_questions, cfg.eval.max_answer_questions)
-        systems = SYSTEMS if gate_from == "held-out split" else ("base", "finetuned")
-        with step(f"answer evaluation on {len(picked)} questions ({gate_from})"):
-            focus = focus_for(retriever, base, *passage_budgets(cfg))
-            report = evaluate_answers(retriever, picked, cfg.retrieval.top_k, base, cfg, adapter=str(adapter_dir),
-                                      merged=str(merged_dir) if merged_dir else None,
-                                      merged_w8a8=str(int8_dir) if int8_dir else None, systems=systems, log=say,
-                                      focus=focus)
+        report = answers(select_questions(gate_questions, cfg.eval.max_answer_questions), ("base", "finetuned"),
+                         gate_from)
     ship, decision = gate(report, cfg.llm.min_gain, gate_from, len(gate_questions))
     say(f"    {decision}")
+    tested: dict = {}
+    if test:
+        # Scored once, after the decision: both models, so the report shows what the gate kept and what it did not.
+        picked = select_questions(test, cfg.eval.max_answer_questions)
+        tested = answers(picked, SYSTEMS, "test split")
+        # `assistant eval` on the same questions reads this instead of generating again.
+        cached = {k: v for k, v in tested.items() if ship or k not in ("finetuned", "finetuned_vs_base")}
+        key = answers_cache_key(picked, cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg))
+        (bundle_dir / ANSWERS_FILE).write_text(json.dumps({"key": key, "report": cached}, indent=2) + "\n")
     if not ship:
         shutil.rmtree(adapter_dir, ignore_errors=True)
         for d in (merged_dir, int8_dir):
             if d:
                 shutil.rmtree(d, ignore_errors=True)
         merged_dir = int8_dir = None
-    if report and gate_from == "held-out split":
-        # `assistant eval` on the same questions reads this instead of generating again.
-        cached = {k: v for k, v in report.items() if k != "finetuned" or ship}
-        key = answers_cache_key(picked, cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg))
-        (bundle_dir / ANSWERS_FILE).write_text(json.dumps({"key": key, "report": cached}, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)  # the adapter is in the bundle now
-    metrics = {s: report[s] for s in SYSTEMS if s in report}
-    if metrics:
-        metrics["questions_from"] = gate_from  # type: ignore[assignment]
     return {"adapter": ADAPTER_DIR if ship else None,
             "merged": MERGED_DIR if ship and merged_dir else None,
             "merged_w8a8": MERGED_W8A8_DIR if ship and int8_dir else None,
-            "max_steps": cfg.llm.max_steps, "decision": decision, "metrics": metrics, "training": training, "data": data_info,
-            "examples": report.get("examples", [])[:3]}
+            "max_steps": cfg.llm.max_steps, "decision": decision, "gate_from": gate_from,
+            "metrics": _reported(tested, "test split"), "dev_metrics": _reported(report, gate_from),
+            "training": training, "data": data_info,
+            "examples": (tested or report).get("examples", [])[:3]}
 
 
-def split_gate(heldout: list[dict], train_questions: list[dict], seed: int) -> tuple[list[dict], list[dict], str]:
+def _reported(report: dict, split: str) -> dict:
+    """The systems and comparisons of an answer report, labelled with the split they were scored on."""
+    keep = (*SYSTEMS, "finetuned_vs_base", "always_first", "top_passage")
+    out = {k: report[k] for k in keep if k in report}
+    return {**out, "split": split} if out else {}
+
+
+def split_gate(dev: list[dict], train_questions: list[dict], seed: int) -> tuple[list[dict], list[dict], str]:
     """(gate questions, training questions, where the gate questions came from)."""
-    if heldout:
-        return heldout, train_questions, "held-out split"
+    if dev:
+        return dev, train_questions, "dev split"
     if len(train_questions) >= GATE_MIN * 3:
         train, gate_q = split_questions(train_questions, GATE_SLICE, seed + 101)
         if len(gate_q) >= GATE_MIN:
@@ -162,19 +177,22 @@ def split_gate(heldout: list[dict], train_questions: list[dict], seed: int) -> t
 
 
 def gate(report: dict, min_gain: float, gate_from: str, n_questions: int) -> tuple[bool, str]:
-    """(ship?, decision in words) from the base and fine-tuned F1."""
+    """(ship?, decision in words): the adapter ships only when the paired bootstrap interval (95%) of its F1
+    gain over the base, on the gate's questions, lies wholly above ``min_gain``."""
     if not report or "finetuned" not in report or "base" not in report:
-        return True, ("shipped without a gate: there are no held-out questions (the knowledge folder has no "
+        return True, ("shipped without a gate: there are no dev questions (the knowledge folder has no "
                       "question/answer pairs to hold out and too few were given with --questions), so nothing "
                       "measured the adapter")
     b, f = report["base"]["f1"], report["finetuned"]["f1"]
-    gain = f - b
+    paired = report.get("finetuned_vs_base") or {}
+    low, high = paired.get("ci", [f - b, f - b])
     where = f"{int(report['base']['questions'])} {gate_from}"
-    if gain > min_gain:
-        return True, (f"shipped: fine-tuned F1 {f:.3f} vs base {b:.3f} on {where} "
-                      f"(gain {gain:+.3f} > llm.min_gain {min_gain})")
-    return False, (f"rejected: fine-tuned F1 {f:.3f} vs base {b:.3f} on {where} "
-                   f"(gain {gain:+.3f} <= llm.min_gain {min_gain}); the bundle serves the base model")
+    said = (f"fine-tuned F1 {f:.3f} vs base {b:.3f} on {where}: gain {f - b:+.3f}, 95% paired bootstrap "
+            f"interval [{low:+.3f}, {high:+.3f}]")
+    if low > min_gain:
+        return True, f"shipped: {said}, wholly above llm.min_gain {min_gain}"
+    return False, (f"rejected: {said}, not wholly above llm.min_gain {min_gain} (the gain is not shown to be "
+                   "real on these questions); the bundle serves the base model")
 
 
 def wants_merged(cfg: BuildConfig, cuda: bool) -> bool:

@@ -14,8 +14,9 @@ from pathlib import Path
 from builder import chunk as chunk_stage
 from builder import embedder, index, ingest, llm
 from builder.evaluate_retrieval import evaluate_modes
-from builder.questions import qa_to_dict, read_questions, split_questions
+from builder.questions import qa_to_dict, read_questions, split_train_dev_test
 from core.bundle import (
+    DEV_FILE,
     EMBEDDER_DIR,
     HELDOUT_FILE,
     LLM_BASE_REF,
@@ -73,10 +74,12 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
     writer = BundleWriter(Path(out_dir), bundle_id)
     try:
         qa = [qa_to_dict(p) for p in res.qa_pairs]
-        qa_train, qa_held = split_questions(qa, cfg.datagen.holdout_fraction, cfg.seed)
-        documents = _drop_heldout_blocks(res.documents, {q["question"] for q in qa_held})
+        qa_train, qa_dev, qa_test = split_train_dev_test(qa, cfg.datagen.dev_fraction,
+                                                         cfg.datagen.holdout_fraction, cfg.seed)
+        documents = _drop_heldout_blocks(res.documents, {q["question"] for q in qa_dev + qa_test})
         train_questions = qa_train + extra_train
-        writer.write_jsonl(HELDOUT_FILE, qa_held)
+        writer.write_jsonl(HELDOUT_FILE, qa_test)
+        writer.write_jsonl(DEV_FILE, qa_dev)
         corpus = [d.text for d in documents]
 
         # Base embedder: the tiny one is random and built here, so it travels in the bundle.
@@ -111,15 +114,16 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         timing["index_s"] = s["seconds"]
 
         with step("evaluate retrieval") as s:
-            # Without held-out FAQ pairs, the questions the embedder held out choose the retrieval mode.
-            mode_questions = qa_held or embedder.heldout_questions(writer.tmp)
-            retrieval_metrics, mode, fusion = _evaluate_retrieval(cfg, writer, mode_questions)
+            # Dev chooses; without dev FAQ pairs, the real questions the embedder held out do (never trained on).
+            dev_questions = qa_dev or embedder.heldout_questions(writer.tmp)
+            dev_from = ("dev split" if qa_dev else "embedder held-out questions" if dev_questions else "none")
+            dev_retrieval, mode, fusion = _evaluate_retrieval(cfg, writer, dev_questions)
             ran.retrieval.fusion = fusion
             name, param = parse_fusion(fusion)
             if name == "rrf":
                 ran.retrieval.rrf_k = int(param)
-            retrieval_metrics["questions_from"] = ("knowledge held-out split" if qa_held else  # type: ignore[assignment]
-                                                   "embedder held-out questions" if mode_questions else "none")
+            dev_retrieval["questions_from"] = dev_from  # type: ignore[assignment]
+            test_retrieval = _score_retrieval(ran, writer, qa_test, mode) if qa_test else {}
         timing["eval_retrieval_s"] = s["seconds"]
 
         with step("llm") as s:
@@ -133,8 +137,8 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                 llm_ref["sha256"] = folder_sha256(Path(base_llm))
             writer.write_json(LLM_BASE_REF, llm_ref)
             # The LLM stage retrieves with the chosen fusion, exactly as serving will.
-            llm_info = llm.run(ran, base_llm, chunks, train_questions, qa_held, writer.tmp, device=device,
-                               retrieval_mode=mode)
+            llm_info = llm.run(ran, base_llm, chunks, train_questions, qa_dev, qa_test, writer.tmp,
+                               device=device, retrieval_mode=mode)
             ran.llm.max_steps = llm_info.pop("max_steps", ran.llm.max_steps)
         timing["llm_s"] = s["seconds"]
         llm_info["base"] = llm_ref
@@ -143,8 +147,19 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                 llm_info[f"{key}_sha256"] = folder_sha256(writer.path(llm_info[key]))
         timing["total_s"] = round(time.perf_counter() - t0, 2)
 
-        metrics = {"retrieval": retrieval_metrics, **({"answers": llm_info.pop("metrics")}
-                                                      if "metrics" in llm_info else {})}
+        # What is reported is the test split, scored once; what chose the settings is beside it, under "dev".
+        dev_answers = llm_info.pop("dev_metrics", {})
+        test_answers = llm_info.pop("metrics", {})
+        metrics = {"retrieval": test_retrieval or dict(dev_retrieval, split="dev (no test questions)"),
+                   **({"answers": test_answers} if test_answers else {}),
+                   "dev": {"retrieval": dev_retrieval, **({"answers": dev_answers} if dev_answers else {})},
+                   "selection": {"retrieval.mode": f"{dev_from} ({len(dev_questions)} questions)"
+                                 if cfg.retrieval.mode == "auto" else "configured",
+                                 "retrieval.fusion": f"{dev_from} ({len(dev_questions)} questions)"
+                                 if cfg.retrieval.mode == "auto" else "configured",
+                                 "embedder gate": emb_info.get("gate", {}).get("on", "none"),
+                                 "llm gate": llm_info.get("gate_from", "none"),
+                                 "reported": f"test split ({len(qa_test)} questions)" if qa_test else "none"}}
         writer.write_json(METRICS_FILE, metrics)
         manifest = make_manifest(
             bundle_id=bundle_id, config=ran, retrieval=ServedRetrieval.from_config(ran.retrieval, mode),
@@ -152,7 +167,8 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                        "documents": len(res.documents), "qa_pairs": len(res.qa_pairs)},
             models={"embedder": emb_info, "llm": llm_info},
             index=index_info,
-            data={"train_questions": len(train_questions), "heldout_questions": len(qa_held),
+            data={"train_questions": len(train_questions), "dev_questions": len(qa_dev),
+                  "test_questions": len(qa_test), "heldout_questions": len(qa_test),
                   "extra_questions": len(extra_train), "chunks": len(chunks),
                   "max_chunk_tokens": max(c.n_tokens for c in chunks)},
             errors=res.errors, warnings=res.warnings, skipped=res.skipped, metrics=metrics, timing=timing)
@@ -191,6 +207,16 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     metrics["served_mode"] = chosen  # type: ignore[assignment]
     metrics["fusion"] = fusion  # type: ignore[assignment]
     return metrics, chosen, fusion
+
+
+def _score_retrieval(cfg: BuildConfig, writer: BundleWriter, test: list[dict], mode: str) -> dict:
+    """Dense, BM25 and hybrid (at the chosen fusion) on the test questions, once, after every choice was made."""
+    retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")
+    by_mode = evaluate_modes(retriever, test, [cfg.retrieval.fusion_spec()])
+    metrics = {"dense": by_mode["dense"], "bm25": by_mode["bm25"],
+               "hybrid": by_mode["hybrid"][cfg.retrieval.fusion_spec()]}
+    return {**metrics, "served": metrics[mode], "served_mode": mode, "fusion": cfg.retrieval.fusion_spec(),
+            "split": "test", "questions_from": f"test split ({len(test)} questions)"}
 
 
 def choose_retrieval_mode(metrics: dict[str, dict], requested: str) -> str:

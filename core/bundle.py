@@ -15,7 +15,7 @@ Layout (format 2)::
     index/          chunks.jsonl, dense.faiss (+ dense_owner.npy), bm25/ (with analyzer.json)
     llm/            base.json (reference to the base model), base/ (tiny profile), adapter/ (LoRA), merged/,
                     merged-w8a8/
-    eval/           metrics.json, heldout.jsonl, answers.json, loss.png
+    eval/           metrics.json, heldout.jsonl (test split), dev.jsonl, answers.json, loss.png
     data/           the generated training data (embedder pairs, chat examples, base chunk embeddings)
 
 Format 1 is what builders wrote before the format had a version (no ``format_version`` key): it is read, its
@@ -57,7 +57,8 @@ TINY_LLM_DIR = "llm/base"
 ADAPTER_DIR = "llm/adapter"
 MERGED_DIR = "llm/merged"
 MERGED_W8A8_DIR = "llm/merged-w8a8"
-HELDOUT_FILE = "eval/heldout.jsonl"
+HELDOUT_FILE = "eval/heldout.jsonl"  # the test split
+DEV_FILE = "eval/dev.jsonl"
 METRICS_FILE = "eval/metrics.json"
 ANSWERS_FILE = "eval/answers.json"
 LOSS_PLOT = "eval/loss.png"

@@ -45,7 +45,10 @@ class ChunkConfig:
 
 @dataclass
 class DatagenConfig:
-    holdout_fraction: float = _f(0.2, "Share of the knowledge folder's own question/answer pairs held out for evaluation.")
+    holdout_fraction: float = _f(0.2, "Share of the knowledge folder's own question/answer pairs in the test split: "
+                                 "never trained on, never used to choose anything, scored once and reported.")
+    dev_fraction: float = _f(0.2, "Share in the dev split: never trained on; it chooses the retrieval mode and "
+                             "fusion and decides the LLM gate.")
     synthetic_per_chunk: int = _f(2, "Synthetic queries (heading and inverse-cloze) made per chunk where supervision is thin.")
     max_synthetic: int = _f(4000, "Upper bound on synthetic query pairs.")
     hard_negatives: int = _f(3, "Hard negatives mined per training pair (base embedder + BM25, answer-bearing chunks removed).")
@@ -146,7 +149,8 @@ class LLMConfig:
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps.")
     merge: bool = _f(False, "Also write merged full weights (llm/merged) for engines where LoRA kernels are slow.")
     max_new_tokens: int = _f(96, "Longest generated answer.")
-    min_gain: float = _f(0.0, "The adapter ships only if its held-out F1 beats the base model's by more than this.")
+    min_gain: float = _f(0.0, "The adapter ships only if the 95% paired bootstrap interval of its F1 gain over the "
+                         "base, on the dev questions, lies wholly above this margin.")
     accelerate_config: str = _f("", "Train under `accelerate launch` with this config: a name from builder/accelerate/ "
                                 "(ddp, fsdp, deepspeed_zero2) or a path; empty: train in the build's own process.")
 
@@ -360,6 +364,10 @@ def _check(cfg: BuildConfig) -> None:
         raise ConfigError("embedder.remine_rounds and embedder.remine_lr_scale must not be negative")
     if cfg.embedder.sources_per_batch < 0:
         raise ConfigError("embedder.sources_per_batch must be 0 (random batches) or a number of documents")
+    d = cfg.datagen
+    if not (0 <= d.holdout_fraction < 1 and 0 <= d.dev_fraction < 1 and d.holdout_fraction + d.dev_fraction < 1):
+        raise ConfigError(f"datagen.holdout_fraction ({d.holdout_fraction}) and datagen.dev_fraction "
+                          f"({d.dev_fraction}) must each be within [0, 1) and leave a training share")
     if cfg.llm.steps_per_question < 0 or cfg.llm.steps_cap < 0:
         raise ConfigError("llm.steps_per_question and llm.steps_cap must not be negative")
     for w in cfg.retrieval.zscore_weight_choices:

@@ -51,16 +51,23 @@ def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
     assert (tiny_bundle.parent / "latest").resolve() == tiny_bundle.resolve()
 
 
-def test_auto_mode_serves_the_fusion_with_the_best_held_out_mrr(tiny_bundle):
+def test_auto_mode_serves_the_fusion_with_the_best_dev_mrr_and_reports_the_test_split_apart(tiny_bundle):
     from core.retrieval import Retriever
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    tried = manifest["metrics"]["retrieval"]["hybrid_by_fusion"]
+    dev = manifest["metrics"]["dev"]["retrieval"]
+    tried = dev["hybrid_by_fusion"]
     assert {"rrf:10", "rrf:30", "rrf:60", "zscore:0.4", "zscore:0.5", "zscore:0.6"} <= set(tried)
     served = manifest["retrieval"]["fusion"]
     assert tried[served] == max(tried.values())
-    assert manifest["metrics"]["retrieval"]["hybrid"]["mrr@10"] == tried[served]
+    assert dev["hybrid"]["mrr@10"] == tried[served]
     assert Retriever.load(tiny_bundle).fusion == served
+    test = manifest["metrics"]["retrieval"]
+    assert test["split"] == "test" and test["fusion"] == served and test["served_mode"] == manifest["retrieval"]["mode"]
+    assert 0 < test["served"]["questions"] <= manifest["data"]["test_questions"]
+    selection = manifest["metrics"]["selection"]
+    assert selection["retrieval.fusion"].startswith("dev split") and selection["llm gate"] == "dev split"
+    assert selection["reported"].startswith("test split")
 
 
 def test_heldout_faq_questions_are_not_indexed(tiny_bundle):
@@ -183,3 +190,20 @@ def test_a_swallowed_ctrl_c_still_stops_the_build_at_the_next_stage():
             pass
     finally:
         log._interrupted.clear()
+
+
+def test_dev_and_test_questions_never_reach_training_data_the_index_or_each_other(tiny_bundle):
+    from builder.questions import split_key
+
+    def keys(path, field="question"):
+        return {split_key(json.loads(line)[field]) for line in path.open() if line.strip()}
+
+    dev, test = keys(tiny_bundle / "eval" / "dev.jsonl"), keys(tiny_bundle / "eval" / "heldout.jsonl")
+    assert dev and test and not dev & test
+    pairs = keys(tiny_bundle / "data" / "embedder_pairs.jsonl", "query")
+    chat = keys(tiny_bundle / "data" / "chat_train.jsonl")
+    assert not (dev | test) & pairs and not (dev | test) & chat
+    indexed = [json.loads(line)["text"].lower() for line in (tiny_bundle / "index" / "chunks.jsonl").open()]
+    held = [json.loads(line)["question"].lower() for f in ("dev.jsonl", "heldout.jsonl")
+            for line in (tiny_bundle / "eval" / f).open()]
+    assert not [q for q in held if any(q in t for t in indexed)]  # their question/answer blocks are not indexed

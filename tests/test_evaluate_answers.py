@@ -27,15 +27,16 @@ def test_scores_answers_citations_and_refusals():
     assert m["rouge_l"] == pytest.approx((1 + second) / 4, abs=1e-4)
     # The model's markers: [2] is the gold document; [1] is another document; [9] points at no passage; the
     # refusal cites nothing. As served, the [1] after a quote of the gold passage is grounded to [2].
-    assert m["citation_accuracy_model"] == 0.25
-    assert m["citation_accuracy"] == 0.5
-    assert m["false_refusal_rate"] == 0.25
-    assert m["refusal_rate"] == 0.5
+    assert m["citation_chunk_model"] == 0.25
+    assert m["citation_served"] == 0.5
+    assert m["false_refusal"] == 0.25
+    assert m["refusal_unanswerable"] == 0.5
+    assert m["f1_ci"][0] <= m["f1"] <= m["f1_ci"][1]
 
 
 def test_without_retrieval_there_is_no_citation_or_refusal_score():
     m = evaluate_answers.score(["50 kg of DAP per acre"], [Q], None, None)
-    assert m["exact_match"] == 1.0 and "citation_accuracy" not in m and "refusal_rate" not in m
+    assert m["exact_match"] == 1.0 and "citation_served" not in m and "refusal_unanswerable" not in m
 
 
 def test_a_question_without_source_is_cited_correctly_by_a_passage_holding_its_answer():
@@ -161,5 +162,18 @@ def test_assistant_eval_reports_answers_of_every_system_and_reuses_the_builds_an
     assert systems <= set(fresh)
     for s in systems:
         assert fresh[s]["questions"] == 3.0 and 0.0 <= fresh[s]["f1"] <= 1.0 and fresh[s]["tokens_per_s"] > 0
-    assert 0.0 <= fresh["base"]["refusal_rate"] <= 1.0 and "citation_accuracy" in fresh["base"]
+    assert 0.0 <= fresh["base"]["refusal_unanswerable"] <= 1.0 and "citation_served" in fresh["base"]
     assert fresh["examples"] and fresh["examples"][0]["gold"]
+
+
+def test_citations_count_at_chunk_level_beside_the_baselines_that_need_no_model():
+    same_doc = {"text": "Maize > Spacing\nPlant 75 cm between rows.", "source": "crops/maize.md", "chunk_id": "m1"}
+    gold = dict(GOLD, chunk_id="m2")
+    contexts = [[same_doc, gold]]
+    # The right document but the wrong passage: a document-level check would have passed it.
+    m = evaluate_answers.score(["50 kg of DAP per acre [1]"], [Q], contexts, None, [{"m2"}])
+    assert m["citation_chunk_model"] == 0.0
+    assert evaluate_answers.score(["It is 50 kg [2]"], [Q], contexts, None, [{"m2"}])["citation_chunk_model"] == 1.0
+    base = evaluate_answers.citation_baselines([Q], contexts, [{"m2"}])
+    assert base["always_first"]["citation_chunk_model"] == 0.0  # passage [1] does not answer
+    assert base["top_passage"]["citation_chunk_model"] == 1.0  # the passage sharing "DAP", "acre", "planting"

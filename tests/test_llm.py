@@ -220,14 +220,32 @@ def test_adapter_loads_into_vllm_and_changes_the_output(tiny_llm, trained):
 
 # ----------------------------------------------------------------------------------------------- the stage
 
-def test_gate_ships_only_an_adapter_that_beats_the_base_by_the_margin():
-    report = {"base": {"f1": 0.20, "questions": 40.0}, "finetuned": {"f1": 0.26, "questions": 40.0}}
-    ship, why = llm.gate(report, 0.05, "held-out split", 40)
-    assert ship and "0.260" in why and "0.200" in why
-    ship, why = llm.gate(report, 0.10, "held-out split", 40)
+def _gate_report(base: list[float], tuned: list[float]) -> dict:
+    from builder.stats import paired_bootstrap
+
+    return {"base": {"f1": sum(base) / len(base), "questions": float(len(base))},
+            "finetuned": {"f1": sum(tuned) / len(tuned), "questions": float(len(tuned))},
+            "finetuned_vs_base": paired_bootstrap(tuned, base)}
+
+
+def test_gate_ships_only_an_adapter_whose_paired_interval_clears_the_margin():
+    base = [0.2, 0.4, 0.0, 0.6] * 10
+    better = [f + 0.06 for f in base]  # the same gain on every question: an interval of one point
+    ship, why = llm.gate(_gate_report(base, better), 0.05, "dev split", 40)
+    assert ship and "0.360" in why and "0.300" in why and "interval [+0.060, +0.060]" in why
+    ship, why = llm.gate(_gate_report(base, better), 0.10, "dev split", 40)
     assert not ship and why.startswith("rejected")
     ship, why = llm.gate({}, 0.0, "none", 0)
-    assert ship and "no held-out questions" in why
+    assert ship and "no dev questions" in why
+
+
+def test_gate_keeps_the_base_when_a_higher_mean_is_not_shown_to_be_real():
+    base = [0.5] * 30
+    noisy = [1.0, 0.0, 0.6] * 10  # mean 0.533 > 0.5, but a win on one question and a loss on the next
+    ship, why = llm.gate(_gate_report(base, noisy), 0.0, "dev split", 30)
+    assert not ship and "not shown to be real" in why
+    steady = [0.6] * 30
+    assert llm.gate(_gate_report(base, steady), 0.0, "dev split", 30)[0]
 
 
 def test_training_questions_are_held_back_for_the_gate_only_when_nothing_else_is_held_out():
@@ -240,7 +258,7 @@ def test_training_questions_are_held_back_for_the_gate_only_when_nothing_else_is
     gate_q, train_q, _ = llm.split_gate([], many, seed=1)
     assert len(gate_q) == llm.GATE_MAX and len(gate_q) + len(train_q) == 3000
     held = qs[:5]
-    assert llm.split_gate(held, qs[5:], 1) == (held, qs[5:], "held-out split")
+    assert llm.split_gate(held, qs[5:], 1) == (held, qs[5:], "dev split")
     assert llm.split_gate([], qs[:8], 1) == ([], qs[:8], "none")
 
 
@@ -296,10 +314,11 @@ def test_llm_stage_writes_the_adapter_loss_curve_chat_data_and_manifest_entry(ti
     train_q = [dict(q) for q in held]  # the stage only needs some supervision; these are scored, not trained on
     cfg = load_config("tiny", None, ["llm.min_gain=-1", "llm.max_steps=4", "serve.use_merged=yes",
                                      "eval.max_answer_questions=4"])
-    entry = llm.run(cfg, bundle / "llm" / "base", load_chunks(bundle / "index"), train_q[:20], held, bundle)
+    entry = llm.run(cfg, bundle / "llm" / "base", load_chunks(bundle / "index"), train_q[:20], held, held, bundle)
     assert entry["adapter"] == "llm/adapter" and entry["merged"] == "llm/merged"
     assert entry["decision"].startswith("shipped")
-    assert {"base", "finetuned", "base_no_retrieval"} <= set(entry["metrics"])
+    assert {"base", "finetuned", "base_no_retrieval"} <= set(entry["metrics"]) and entry["metrics"]["split"] == "test split"
+    assert {"base", "finetuned", "finetuned_vs_base"} <= set(entry["dev_metrics"])
     assert entry["training"]["steps"] == 4 and entry["training"]["lora"]["r"] == cfg.llm.lora_r
     assert (bundle / "llm" / "adapter" / "adapter_model.safetensors").is_file()
     assert (bundle / "llm" / "merged" / "config.json").is_file()
