@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-answers", action="store_true", help="retrieval metrics only (skip generation)")
     e.add_argument("--limit", type=int, default=None, help="score answers on at most this many questions")
+    e.add_argument("--report", metavar="FILE.html", default=None,
+                   help="also write the report card (one self-contained HTML page with plots) for these questions")
     return parser
 
 
@@ -134,6 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = run_eval(args.bundle, args.questions, answers=not args.no_answers, limit=args.limit)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.report:
+        from builder.eval_report import load_eval_questions
+        from builder.report_card import write_report
+        from core.bundle import Bundle
+
+        bundle = Bundle.load(args.bundle)
+        path = write_report(bundle, Path(args.report), load_eval_questions(bundle, args.questions), report)
+        print(f"report card written to {path}", file=sys.stderr)
     return 0
 
 

@@ -34,7 +34,7 @@ from builder import embedder_pairs
 from core.bundle import BASE_EMBEDDINGS_FILE, DATA_DIR, EMBEDDER_DIR, PAIRS_FILE, Chunk
 from core.config import BuildConfig
 from core.device import autocast_dtype
-from core.hashing import ids_digest
+from core.hashing import ids_digest, stable_fraction
 from core.log import say
 from core.retrieval import encode_texts
 from core.text import normalize
@@ -443,6 +443,9 @@ def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list
     if rounds:
         training["remine"] = rounds
 
+    # The same evaluation on (at most 200 of) its training pairs: the gap to the held-out pairs is the overfitting.
+    train_sample = sorted(train_pairs, key=lambda p: stable_fraction(f"fit:{p.query}", cfg.seed))[:200]
+    info["train_fit"] = run_ir_evaluator(make_ir_evaluator(train_sample, chunks, "train-fit"), model, ft_emb, device)
     ship, decision = promotion_decision(before[gate_key], after[gate_key], cfg.embedder.min_gain, on=gate_on)
     say(f"    {decision}")
     if ship:

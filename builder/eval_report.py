@@ -45,9 +45,11 @@ def format_report(report: dict) -> str:
         systems = [s for s, v in table.items() if isinstance(v, dict)]
         if not systems:
             continue
-        keys = [k for k in table[systems[0]] if isinstance(table[systems[0]][k], (int, float))]
+        keys = list(dict.fromkeys(k for s in systems for k, v in table[s].items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)))
+        width = {k: max(10, len(k)) + 2 for k in keys}
         lines.append("")
-        lines.append(f"{section:<20}" + "".join(f"{k:>12}" for k in keys))
+        lines.append(f"{section:<20}" + "".join(f"{k:>{width[k]}}" for k in keys))
         for s in systems:
-            lines.append(f"{s:<20}" + "".join(f"{table[s].get(k, float('nan')):>12.4f}" for k in keys))
+            lines.append(f"{s:<20}" + "".join(f"{table[s].get(k, float('nan')):>{width[k]}.4f}" for k in keys))
     return "\n".join(lines)

@@ -154,7 +154,7 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
             "max_steps": cfg.llm.max_steps, "decision": decision, "gate_from": gate_from,
             "metrics": _reported(tested, "test split"), "dev_metrics": _reported(report, gate_from),
             "training": training, "data": data_info,
-            "examples": (tested or report).get("examples", [])[:3]}
+            "examples": (tested or report).get("examples", [])[:5]}
 
 
 def _reported(report: dict, split: str) -> dict:

@@ -15,12 +15,15 @@ from builder import chunk as chunk_stage
 from builder import embedder, index, ingest, llm
 from builder.evaluate_retrieval import evaluate_modes
 from builder.questions import qa_to_dict, read_questions, split_train_dev_test
+from builder.report_card import bundle_card
+from builder.report_card import render as render_card
 from core.bundle import (
     DEV_FILE,
     EMBEDDER_DIR,
     HELDOUT_FILE,
     LLM_BASE_REF,
     METRICS_FILE,
+    REPORT_FILE,
     TINY_EMBEDDER_DIR,
     TINY_LLM_DIR,
     BundleWriter,
@@ -172,6 +175,9 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                   "extra_questions": len(extra_train), "chunks": len(chunks),
                   "max_chunk_tokens": max(c.n_tokens for c in chunks)},
             errors=res.errors, warnings=res.warnings, skipped=res.skipped, metrics=metrics, timing=timing)
+        with step("report card") as s:
+            card = bundle_card(writer.tmp, manifest, llm.load_retriever(writer.tmp, ran, mode), qa_test)
+            writer.path(REPORT_FILE).write_text(render_card(card), encoding="utf-8")
         check_interrupted()  # a Ctrl-C, even one swallowed on the way, never lets the bundle land
         path = writer.commit(manifest)
     except BaseException:

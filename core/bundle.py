@@ -15,7 +15,8 @@ Layout (format 2)::
     index/          chunks.jsonl, dense.faiss (+ dense_owner.npy), bm25/ (with analyzer.json)
     llm/            base.json (reference to the base model), base/ (tiny profile), adapter/ (LoRA), merged/,
                     merged-w8a8/
-    eval/           metrics.json, heldout.jsonl (test split), dev.jsonl, answers.json, loss.png
+    eval/           metrics.json, heldout.jsonl (test split), dev.jsonl, answers.json, loss.png,
+                    report.html (the report card)
     data/           the generated training data (embedder pairs, chat examples, base chunk embeddings)
 
 Format 1 is what builders wrote before the format had a version (no ``format_version`` key): it is read, its
@@ -61,6 +62,7 @@ HELDOUT_FILE = "eval/heldout.jsonl"  # the test split
 DEV_FILE = "eval/dev.jsonl"
 METRICS_FILE = "eval/metrics.json"
 ANSWERS_FILE = "eval/answers.json"
+REPORT_FILE = "eval/report.html"  # the report card (builder/report_card.py)
 LOSS_PLOT = "eval/loss.png"
 DATA_DIR = "data"
 PAIRS_FILE = "data/embedder_pairs.jsonl"

@@ -18,9 +18,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.bundle import REPORT_FILE
 from serving.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -87,6 +88,15 @@ def build_router(service: RagService, settings: GatewaySettings) -> APIRouter:
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=a.name, created=started, bundle_id=a.bundle.bundle_id,
                                          weights=a.served.weights) for a in service.assistants.values()])
+
+    @router.get("/v1/models/{model_id}/report", dependencies=auth, response_class=HTMLResponse)
+    async def report_card(model_id: str) -> HTMLResponse:
+        """The bundle's report card: what fine-tuning changed, on held-out questions (eval/report.html)."""
+        path = service.get(model_id).bundle.file(REPORT_FILE)
+        if not path.is_file():
+            raise GatewayError(f"the bundle of {model_id!r} has no report card; `assistant eval BUNDLE --report "
+                               "FILE` writes one", status=404, code="report_not_found")
+        return HTMLResponse(path.read_text(encoding="utf-8"))
 
     @router.get("/v1/models/{model_id}", dependencies=auth)
     async def get_model(model_id: str) -> ModelCard:

@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from core.bundle import REPORT_FILE
 from serving.protocol import Source
 from serving.rag_service import GatewayError, RagService, bundle_summary
 
@@ -122,6 +123,15 @@ def chat_handler(service: RagService):
     return respond
 
 
+def report_card_html(service: RagService, model: str) -> str:
+    """The bundle's report card (eval/report.html) in a frame of its own, so its styles stay its own."""
+    path = service.get(model).bundle.file(REPORT_FILE)
+    if not path.is_file():
+        return ""
+    page = html.escape(path.read_text(encoding="utf-8"), quote=True)
+    return f'<iframe title="report card" srcdoc="{page}" style="width:100%;height:900px;border:0"></iframe>'
+
+
 def build_ui(service: RagService) -> gr.Blocks:
     names = list(service.assistants)
     default = names[0]
@@ -153,6 +163,11 @@ def build_ui(service: RagService) -> gr.Blocks:
                                 elem_id="examples")
             with gr.Column(scale=2):
                 sources = gr.HTML(SOURCES_PLACEHOLDER, elem_id="sources", label="Sources")
+        card = report_card_html(service, default)
+        if card:
+            with gr.Accordion("Report card: what the fine-tuning changed, measured on held-out questions",
+                              open=False, elem_id="report-card"):
+                gr.HTML(card)
         outputs: list[Any] = [box, chatbot, history, sources, status]
         inputs = [box, chatbot, history, model]
         # The UI's events are not an API (the API is /v1), and many people may ask at once: vLLM batches them.

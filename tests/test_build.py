@@ -207,3 +207,26 @@ def test_dev_and_test_questions_never_reach_training_data_the_index_or_each_othe
     held = [json.loads(line)["question"].lower() for f in ("dev.jsonl", "heldout.jsonl")
             for line in (tiny_bundle / "eval" / f).open()]
     assert not [q for q in held if any(q in t for t in indexed)]  # their question/answer blocks are not indexed
+
+
+def test_every_bundle_has_a_self_contained_report_card_of_its_test_split(tiny_bundle):
+    import re
+
+    page = (tiny_bundle / "eval" / "report.html").read_text(encoding="utf-8")
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    for heading in ("Decisions", "Retrieval (test)", "Answers (test split)", "LoRA training loss",
+                    "recall@5 per document", "Training coverage", "Five answers side by side"):
+        assert heading in page, heading
+    assert manifest["models"]["llm"]["decision"].split(":")[0] in page
+    assert "always_first" in page and "top_passage" in page and "f1_ci" in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere: plots are inlined
+    assert page.count("data:image/png;base64,") >= 2  # the loss curve and the per-document recall
+
+
+def test_assistant_eval_writes_a_report_card_for_any_question_file(tiny_bundle, tmp_path):
+    out = tmp_path / "card.html"
+    proc = subprocess.run([*ASSISTANT, "eval", str(tiny_bundle), "--no-answers", "--report", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = out.read_text(encoding="utf-8")
+    assert "Report card" in page and "questions given to assistant eval" in page and "finetuned" in page

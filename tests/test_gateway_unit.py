@@ -293,3 +293,12 @@ def test_gateway_points_citations_at_the_quoted_passage(tiny_bundle, ground):
     assert streamed == text
     assert text.endswith(" [2]" if ground else " [1]")
     assert [s["cited"] for s in resp.sources] == ([False, True, False] if ground else [True, False, False])
+
+
+def test_the_report_card_needs_the_key_and_is_the_bundles_own_page(http, tiny_bundle):
+    assert http.get("/v1/models/assistant/report").status_code == 401
+    resp = http.get("/v1/models/assistant/report", headers={"Authorization": f"Bearer {GATEWAY_KEY}"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert resp.text == (tiny_bundle / "eval" / "report.html").read_text(encoding="utf-8")
+    missing = http.get("/v1/models/nope/report", headers={"Authorization": f"Bearer {GATEWAY_KEY}"})
+    assert missing.status_code == 404
