@@ -38,7 +38,7 @@ class GatewaySettings:
     # torch threads for query embedding. vLLM keeps the cores busy; one thread embeds a short query fastest
     # beside it (MiniLM, 2-core machine, vLLM loaded: 13 ms median with 1 thread, 77 ms with 2). 0: leave as is.
     retrieval_threads: int = 1
-    # Renumber a citation marker that points at a passage not holding the text it follows (serving/citations.py).
+    # Renumber a citation marker that points at a passage not holding the text it follows (core/citations.py).
     ground_citations: bool = True
     ui: bool = True  # mount the Gradio chat at ui_path
     ui_path: str = "/"

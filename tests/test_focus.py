@@ -1,4 +1,4 @@
-"""Query-focused passages (serving/focus.py): what the LLM reads of each retrieved chunk.
+"""Query-focused passages (core/focus.py): what the LLM reads of each retrieved chunk.
 
     .venv/bin/python -m pytest tests/test_focus.py -q
 """
