@@ -15,13 +15,14 @@ import textwrap
 from pathlib import Path
 
 from core.bundle import BundleError
-from core.config import PROFILES, ConfigError, describe_fields
+from core.config import PROFILES, ConfigError, allowed_range, describe_fields
 
 
 def _config_epilog() -> str:
     lines = ["configuration keys (set with --set key=value; defaults before the profile is applied):"]
     for key, default, help_text in describe_fields():
-        lines.append(f"  {key} = {json.dumps(default)}")
+        allowed = allowed_range(key)
+        lines.append(f"  {key} = {json.dumps(default)}" + (f"  ({allowed})" if allowed else ""))
         lines.extend(textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 

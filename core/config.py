@@ -344,8 +344,47 @@ def load_config(profile: str | None = None, config_file: str | Path | None = Non
     return cfg
 
 
+# Allowed ranges of numeric settings, inclusive (None: unbounded); checked on every load and shown by --help.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "ingest.max_file_mb": (0, None), "ingest.min_chars": (0, None),
+    "chunk.max_tokens": (8, None), "chunk.overlap_tokens": (0, None), "chunk.min_tokens": (0, None),
+    "datagen.synthetic_per_chunk": (0, None), "datagen.max_synthetic": (0, None),
+    "datagen.hard_negatives": (0, None), "datagen.teacher_questions_per_chunk": (1, None),
+    "embedder.epochs": (0, None), "embedder.batch_size": (2, None), "embedder.cached_loss_above": (1, None),
+    "embedder.learning_rate": (0, None), "embedder.warmup_ratio": (0, 1), "embedder.max_pairs": (0, None),
+    "embedder.eval_fraction": (0, 1), "embedder.question_repeats": (1, None),
+    "retrieval.top_k": (1, None), "retrieval.candidates": (1, None), "retrieval.rrf_k": (1, None),
+    "retrieval.sentence_windows": (0, None), "retrieval.window_stride": (1, None), "retrieval.bm25_k1": (0, None),
+    "retrieval.bm25_b": (0, 1),
+    "llm.lora_r": (1, 512), "llm.lora_alpha": (1, None), "llm.lora_dropout": (0, 1), "llm.max_steps": (1, None),
+    "llm.batch_size": (1, None), "llm.micro_batch_size": (1, None), "llm.learning_rate": (0, None),
+    "llm.max_seq_len": (32, None), "llm.context_chunks": (1, None), "llm.p_gold_absent": (0, 1),
+    "llm.shuffle_context": (0, 1), "llm.checkpoint_every": (1, None), "llm.max_new_tokens": (1, None),
+    "serve.tensor_parallel_size": (1, None), "serve.data_parallel_size": (1, None), "serve.max_model_len": (64, None),
+    "serve.gpu_memory_utilization": (0.05, 1), "serve.cpu_kvcache_gib": (1, None),
+    "eval.max_answer_questions": (0, None),
+}
+
+
+def allowed_range(key: str) -> str:
+    """The range of a setting in words ('' when it has none)."""
+    lo, hi = RANGES.get(key, (None, None))
+    if lo is None and hi is None:
+        return ""
+    return f"at least {lo:g}" if hi is None else f"at most {hi:g}" if lo is None else f"from {lo:g} to {hi:g}"
+
+
+def _check_ranges(cfg: BuildConfig) -> None:
+    for key, (lo, hi) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {allowed_range(key)}")
+
+
 def _check(cfg: BuildConfig) -> None:
     """Values whose type is right but whose content is not."""
+    _check_ranges(cfg)
     if cfg.retrieval.fusion:
         try:
             parse_fusion(cfg.retrieval.fusion)

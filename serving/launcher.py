@@ -30,6 +30,11 @@ def _on_sigterm(_signum, _frame):
     raise _Terminated()
 
 
+# vLLM listens on loopback whatever the gateway's host: the gateway is the door for everyone else, and vLLM guards
+# only some of its routes with the key.
+VLLM_HOST = "127.0.0.1"
+
+
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -60,7 +65,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 7860, vllm_po
 
     b = Bundle.load(bundle)
     name = b.served_model_name
-    busy = [p for p in ([port] + ([vllm_port] if use_vllm else [])) if not port_free(host, p)]
+    busy = ([port] if not port_free(host, port) else []) + (
+        [vllm_port] if use_vllm and not port_free(VLLM_HOST, vllm_port) else [])
     if busy:
         print(f"error: port {', '.join(map(str, busy))} on {host} is already in use; choose another with "
               "--port / --vllm-port", file=sys.stderr)
@@ -74,10 +80,10 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 7860, vllm_po
     exit_code = 0
     try:
         _say(f"==> serving bundle {b.bundle_id} ({b.path}) as model '{name}'")
-        vllm_url = f"http://{local_host(host)}:{vllm_port}"
+        vllm_url = f"http://{VLLM_HOST}:{vllm_port}"
         if use_vllm:
             device = get_device(b.config.device)
-            plan = plan_vllm(b, host=host, port=vllm_port, api_key=api_key, device=device, extra_args=vllm_args)
+            plan = plan_vllm(b, host=VLLM_HOST, port=vllm_port, api_key=api_key, device=device, extra_args=vllm_args)
             log_path = Path(vllm_log or f"logs/vllm-{vllm_port}.log")
             server = VLLMServer(plan.argv, plan.env, log_path, vllm_url, api_key)
             _say(f"==> vLLM on {device}: {plan.weights} weights ({plan.reason})")
@@ -144,6 +150,7 @@ def _banner(host: str, port: int, vllm_port: int | None, model: str, keyed: bool
     lines = ["", f"  Chat UI:          http://{h}:{port}/",
              f"  RAG gateway:      http://{h}:{port}/v1   model '{model}'{key}  (OpenAI-compatible, with sources)"]
     if vllm_port:
-        lines.append(f"  Raw model (vLLM): http://{h}:{vllm_port}/v1   model '{model}'{key}  (no retrieval)")
+        lines.append(f"  Raw model (vLLM): http://{VLLM_HOST}:{vllm_port}/v1   model '{model}'{key}  (no retrieval; "
+                     "this machine only)")
     lines += ["  Press Ctrl-C to stop.", ""]
     _say("\n".join(lines))

@@ -55,3 +55,28 @@ def test_every_field_is_documented_and_help_is_generated_from_it(capsys):
     out = capsys.readouterr().out
     for key, _, _ in rows:
         assert key in out
+
+
+def test_every_ranged_key_exists_and_every_profile_lies_within_the_ranges():
+    from core.config import RANGES
+
+    keys = {k for k, _, _ in describe_fields()}
+    assert set(RANGES) <= keys
+    for profile in PROFILES:
+        load_config(profile)  # raises on a value out of range
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("chunk.max_tokens=-5", "chunk.max_tokens: -5 is out of range; allowed: at least 8"),
+    ("retrieval.bm25_b=1.5", "retrieval.bm25_b: 1.5 is out of range; allowed: from 0 to 1"),
+    ("llm.lora_r=0", "llm.lora_r: 0 is out of range; allowed: from 1 to 512"),
+])
+def test_a_value_out_of_range_is_refused_naming_the_key_and_the_range(setting, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", None, [setting])
+    assert str(err.value) == message
+
+
+def test_help_shows_each_settings_range():
+    text = make_parser().format_help() + make_parser()._subparsers._group_actions[0].choices["build"].format_help()
+    assert "chunk.max_tokens = 250  (at least 8)" in text

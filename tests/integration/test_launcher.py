@@ -107,3 +107,22 @@ def test_launcher_exits_with_vllms_last_words_when_vllm_dies(tiny_bundle, tmp_pa
     assert "vLLM exited (code 3)" in text and "simulated crash" in text  # the end of vLLM's log is shown
     assert str(tmp_path / "vllm.log") in text
     assert not port_open(port)
+
+
+def test_vllm_listens_on_loopback_even_when_the_gateway_serves_every_address(tiny_bundle, tmp_path):
+    from serving import launcher
+
+    seen = {}
+    real_plan = launcher.plan_vllm
+
+    def spy(b, **kw):
+        seen.update(kw)
+        raise launcher.VLLMError("stop here: only the plan's host is under test")
+
+    launcher.plan_vllm = spy
+    try:
+        code = launcher.serve(tiny_bundle, host="0.0.0.0", port=free_port(), vllm_port=free_port(), api_key="k",
+                              vllm_log=tmp_path / "vllm.log", ready_timeout=5)
+    finally:
+        launcher.plan_vllm = real_plan
+    assert code == 1 and seen["host"] == "127.0.0.1"
