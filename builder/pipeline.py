@@ -36,6 +36,7 @@ from core.device import get_device, set_threads
 from core.hashing import folder_sha256
 from core.log import check_interrupted, say, step
 from core.models import build_tiny_bert, build_tiny_llama, resolve_embedder, resolve_llm
+from core.retrieval import Retriever
 
 
 class NothingToIngest(RuntimeError):
@@ -120,13 +121,16 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             # Dev chooses; without dev FAQ pairs, the real questions the embedder held out do (never trained on).
             dev_questions = qa_dev or embedder.heldout_questions(writer.tmp)
             dev_from = ("dev split" if qa_dev else "embedder held-out questions" if dev_questions else "none")
-            dev_retrieval, mode, fusion = _evaluate_retrieval(cfg, writer, dev_questions)
+            # One retriever of the unfinished bundle serves the choice on dev and the score on test: the fusion
+            # is passed to each explicitly, so its own setting does not matter.
+            retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")
+            dev_retrieval, mode, fusion = _evaluate_retrieval(cfg, retriever, dev_questions)
             ran.retrieval.fusion = fusion
             name, param = parse_fusion(fusion)
             if name == "rrf":
                 ran.retrieval.rrf_k = int(param)
             dev_retrieval["questions_from"] = dev_from  # type: ignore[assignment]
-            test_retrieval = _score_retrieval(ran, writer, qa_test, mode) if qa_test else {}
+            test_retrieval = _score_retrieval(retriever, qa_test, mode, fusion) if qa_test else {}
         timing["eval_retrieval_s"] = s["seconds"]
 
         with step("llm") as s:
@@ -153,13 +157,12 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         # What is reported is the test split, scored once; what chose the settings is beside it, under "dev".
         dev_answers = llm_info.pop("dev_metrics", {})
         test_answers = llm_info.pop("metrics", {})
+        chose_retrieval = (f"{dev_from} ({len(dev_questions)} questions)" if cfg.retrieval.mode == "auto"
+                           else "configured")
         metrics = {"retrieval": test_retrieval or dict(dev_retrieval, split="dev (no test questions)"),
                    **({"answers": test_answers} if test_answers else {}),
                    "dev": {"retrieval": dev_retrieval, **({"answers": dev_answers} if dev_answers else {})},
-                   "selection": {"retrieval.mode": f"{dev_from} ({len(dev_questions)} questions)"
-                                 if cfg.retrieval.mode == "auto" else "configured",
-                                 "retrieval.fusion": f"{dev_from} ({len(dev_questions)} questions)"
-                                 if cfg.retrieval.mode == "auto" else "configured",
+                   "selection": {"retrieval.mode": chose_retrieval, "retrieval.fusion": chose_retrieval,
                                  "embedder gate": emb_info.get("gate", {}).get("on", "none"),
                                  "llm gate": llm_info.get("gate_from", "none"),
                                  "reported": f"test split ({len(qa_test)} questions)" if qa_test else "none"}}
@@ -187,12 +190,11 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
     return path
 
 
-def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]) -> tuple[dict, str, str]:
+def _evaluate_retrieval(cfg: BuildConfig, retriever: Retriever, held: list[dict]) -> tuple[dict, str, str]:
     """Metrics for BM25, dense and hybrid on the held-out questions, the mode to serve and the hybrid fusion.
     'auto' picks the mode by MRR@10, and the fusion among RRF at each of ``retrieval.rrf_k_choices`` and
     z-score fusion at each of ``retrieval.zscore_weight_choices``; otherwise the configured fusion stays."""
     rcfg = cfg.retrieval
-    retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")  # the unfinished bundle's own
     configured = rcfg.fusion_spec()
     fusion = configured
     metrics: dict[str, dict] = {}
@@ -215,13 +217,11 @@ def _evaluate_retrieval(cfg: BuildConfig, writer: BundleWriter, held: list[dict]
     return metrics, chosen, fusion
 
 
-def _score_retrieval(cfg: BuildConfig, writer: BundleWriter, test: list[dict], mode: str) -> dict:
+def _score_retrieval(retriever: Retriever, test: list[dict], mode: str, fusion: str) -> dict:
     """Dense, BM25 and hybrid (at the chosen fusion) on the test questions, once, after every choice was made."""
-    retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")
-    by_mode = evaluate_modes(retriever, test, [cfg.retrieval.fusion_spec()])
-    metrics = {"dense": by_mode["dense"], "bm25": by_mode["bm25"],
-               "hybrid": by_mode["hybrid"][cfg.retrieval.fusion_spec()]}
-    return {**metrics, "served": metrics[mode], "served_mode": mode, "fusion": cfg.retrieval.fusion_spec(),
+    by_mode = evaluate_modes(retriever, test, [fusion])
+    metrics = {"dense": by_mode["dense"], "bm25": by_mode["bm25"], "hybrid": by_mode["hybrid"][fusion]}
+    return {**metrics, "served": metrics[mode], "served_mode": mode, "fusion": fusion,
             "split": "test", "questions_from": f"test split ({len(test)} questions)"}
 
 
