@@ -90,6 +90,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-answers", action="store_true", help="retrieval metrics only (skip generation)")
     e.add_argument("--limit", type=int, default=None, help="score answers on at most this many questions")
+    e.add_argument("--unanswerable", default=None, metavar="FILE",
+                   help="questions the knowledge base cannot answer (about documents left out of the build), "
+                        "one per line or {\"question\"} per JSONL line; the refusal on them is reported as "
+                        "refusal_by_kind.not_indexed")
     e.add_argument("--report", metavar="FILE.html", default=None,
                    help="also write the report card (one self-contained HTML page with plots) for these questions")
     return parser
@@ -133,9 +137,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from builder.eval_report import format_report, run_eval
+    from builder.eval_report import format_report, read_unanswerable, run_eval
 
-    report = run_eval(args.bundle, args.questions, answers=not args.no_answers, limit=args.limit)
+    try:
+        unanswerable = read_unanswerable(args.unanswerable) if args.unanswerable else []
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = run_eval(args.bundle, args.questions, answers=not args.no_answers, limit=args.limit,
+                      unanswerable=unanswerable)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     if args.report:
         from builder.eval_report import load_eval_questions

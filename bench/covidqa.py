@@ -34,6 +34,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "covid_qa"
 DATA_FILE = "200423_covidQA.json"
 HELDOUT_FRACTION = 0.3
 SPLIT_SEED = 0
+# A few whole articles are left out of the knowledge folder: their questions are what a user asks about a
+# document the team never added, the unanswerable case abstention must catch (none of them is trained on).
+LEFT_OUT_ARTICLES, LEFT_OUT_SEED = 6, 5
 
 
 def load_articles(data_dir: Path) -> list[dict]:
@@ -44,7 +47,8 @@ def load_articles(data_dir: Path) -> list[dict]:
 
 
 def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict:
-    """Write work_dir/knowledge/article_<id>.txt and work_dir/{train,heldout}.jsonl; return their paths and counts."""
+    """Write work_dir/knowledge/article_<id>.txt, work_dir/{train,heldout}.jsonl and the questions of the articles
+    left out of the knowledge folder, work_dir/left_out.jsonl; return their paths and counts."""
     from builder.questions import split_key
     from core.hashing import stable_fraction
 
@@ -53,20 +57,28 @@ def prepare(data_dir: Path, work_dir: Path, articles: int | None = None) -> dict
     if knowledge.exists():
         shutil.rmtree(knowledge)
     knowledge.mkdir(parents=True)
-    train, held = [], []
+    train, held, left_out = [], [], []
+    # The articles with the smallest hashes of their id, never more than a tenth of those used.
+    ranked = sorted(paragraphs, key=lambda p: stable_fraction(str(int(p["document_id"])), LEFT_OUT_SEED))
+    dropped = {int(p["document_id"]) for p in ranked[:min(LEFT_OUT_ARTICLES, len(paragraphs) // 10)]}
+    out_articles = len(dropped)
     for p in paragraphs:
         name = f"article_{int(p['document_id'])}.txt"
-        (knowledge / name).write_text(p["context"], encoding="utf-8")
+        out = int(p["document_id"]) in dropped
+        if not out:
+            (knowledge / name).write_text(p["context"], encoding="utf-8")
         for qa in p["qas"]:
             row = {"question": qa["question"].strip(), "answer": qa["answers"][0]["text"].strip(),
                    "source": name, "id": qa["id"]}
             side = stable_fraction(split_key(row["question"]), SPLIT_SEED) < HELDOUT_FRACTION
-            (held if side else train).append(row)
-    paths = {"knowledge": knowledge, "train": work_dir / "train.jsonl", "heldout": work_dir / "heldout.jsonl"}
-    for key, rows in (("train", train), ("heldout", held)):
+            (left_out if out else held if side else train).append(row)
+    paths = {"knowledge": knowledge, "train": work_dir / "train.jsonl", "heldout": work_dir / "heldout.jsonl",
+             "left_out": work_dir / "left_out.jsonl"}
+    for key, rows in (("train", train), ("heldout", held), ("left_out", left_out)):
         with open(paths[key], "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return {**paths, "articles": len(paragraphs), "train_questions": len(train), "heldout_questions": len(held)}
+    return {**paths, "articles": len(paragraphs) - out_articles, "left_out_articles": out_articles,
+            "train_questions": len(train), "heldout_questions": len(held), "left_out_questions": len(left_out)}
 
 
 def relevance_kinds(bundle_path: Path, questions: list[dict]) -> dict[str, int]:
@@ -131,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     data = prepare(Path(args.data), work, args.articles)
     print(f"COVID-QA: {data['articles']} articles, {data['train_questions']} training questions, "
-          f"{data['heldout_questions']} held out", file=sys.stderr)
+          f"{data['heldout_questions']} held out; {data['left_out_articles']} articles left out of the build, "
+          f"their {data['left_out_questions']} questions asked as unanswerable", file=sys.stderr)
     overrides = list(args.overrides) + (["llm.finetune=false"] if args.no_llm else [])
     if args.bundle:
         bundle_path = Path(args.bundle)
@@ -141,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    report = run_eval(bundle_path, data["heldout"], answers=not args.no_answers, limit=args.limit)
+    left_out = [q["question"] for q in read_questions(data["left_out"])] if data["left_out_questions"] else []
+    report = run_eval(bundle_path, data["heldout"], answers=not args.no_answers, limit=args.limit,
+                      unanswerable=left_out)
     eval_s = time.perf_counter() - t1
     manifest = Bundle.load(bundle_path).manifest
     timing = manifest.get("timing", {})
@@ -155,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         "chunks": {"count": manifest["data"]["chunks"], "max_tokens": manifest["data"]["max_chunk_tokens"],
                    "config_max_tokens": manifest["config"]["chunk"]["max_tokens"]},
         "questions": {"articles": data["articles"], "train": data["train_questions"],
-                      "heldout": data["heldout_questions"],
+                      "heldout": data["heldout_questions"], "left_out_articles": data["left_out_articles"],
+                      "left_out_questions": data["left_out_questions"],
                       "relevance": relevance_kinds(bundle_path, read_questions(data["heldout"]))},
         "embedder": {k: emb.get(k) for k in ("finetuned", "decision", "gate", "training", "data")},
         "served_mode": manifest.get("retrieval", {}).get("mode"),
         "passage_tokens": list(Bundle.load(bundle_path).passage_tokens),
         "llm": {k: manifest["models"]["llm"].get(k) for k in ("decision", "adapter", "merged", "merged_w8a8", "training")},
         "llm_tokens_per_s": (manifest["models"]["llm"].get("training") or {}).get("tokens_per_s"),
+        "abstention": manifest.get("abstention", {}),
         "selection": {**manifest.get("metrics", {}).get("selection", {}),
                       "reported": f"test split of bench/covidqa.py ({data['heldout_questions']} questions)"},
         "run": {"command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),

@@ -6,6 +6,7 @@ bundle on a question file (by default the bundle's held-out split).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from builder.evaluate_answers import answer_report
@@ -21,9 +22,29 @@ def load_eval_questions(bundle: Bundle, questions_file: str | Path | None) -> li
     return read_questions(held) if held.exists() and held.stat().st_size else []
 
 
+def read_unanswerable(path: str | Path) -> list[str]:
+    """Questions the knowledge base cannot answer: a .jsonl file of {"question": ...} rows, or one per line."""
+    import json
+
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                line = str(json.loads(line)["question"]).strip()
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: expected a JSON object with a \"question\"") from None
+        if line:
+            out.append(line)
+    return out
+
+
 def run_eval(bundle_path: str | Path, questions_file: str | Path | None = None, answers: bool = True,
-             limit: int | None = None) -> dict:
-    """{"bundle", "questions", "retrieval": {system: metrics}, "answers": {system: metrics}}."""
+             limit: int | None = None, unanswerable: Sequence[str] = ()) -> dict:
+    """{"bundle", "questions", "retrieval": {system: metrics}, "answers": {system: metrics}}; ``unanswerable``:
+    questions about documents the bundle was built without, scored as refusals (kind 'not_indexed')."""
     bundle = Bundle.load(bundle_path)
     questions = load_eval_questions(bundle, questions_file)
     if not questions:
@@ -32,7 +53,7 @@ def run_eval(bundle_path: str | Path, questions_file: str | Path | None = None, 
     report: dict = {"bundle": bundle.bundle_id, "questions": len(questions)}
     report["retrieval"] = retrieval_report(bundle, questions)
     if answers:
-        report["answers"] = answer_report(bundle, questions, limit=limit)
+        report["answers"] = answer_report(bundle, questions, limit=limit, not_indexed=unanswerable)
     return report
 
 
@@ -42,7 +63,8 @@ def format_report(report: dict) -> str:
         table = report.get(section)
         if not table:
             continue
-        systems = [s for s, v in table.items() if isinstance(v, dict)]
+        systems = [s for s, v in table.items() if isinstance(v, dict)
+                   and any(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())]
         if not systems:
             continue
         keys = list(dict.fromkeys(k for s in systems for k, v in table[s].items()

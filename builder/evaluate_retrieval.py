@@ -103,22 +103,30 @@ def retrieval_report(bundle: Bundle, questions: Sequence[dict]) -> dict[str, dic
 
 def base_retriever(bundle: Bundle, retriever: Retriever) -> Retriever | None:
     """A dense Retriever over the bundle's chunks with the base embedder, or None when the bundle ships the base
-    embedder itself (then "base" and "finetuned" are the same model). Chunk embeddings come from the build's
-    cache (data/base_chunk_embeddings.npy) when it matches the chunks, else they are computed here."""
+    embedder itself (then "base" and "finetuned" are the same model); see ``base_dense_retriever``."""
+    return base_dense_retriever(bundle.base_embedder_path(), bundle.embedder_info, bundle.path, retriever)
+
+
+def base_dense_retriever(base_path, embedder_info: dict, bundle_dir, retriever: Retriever) -> Retriever | None:
+    """The base embedder at ``base_path`` over ``retriever``'s chunks (a finished bundle's, or the one a build is
+    writing in ``bundle_dir``), or None when the embedder was not fine-tuned. Chunk embeddings come from the
+    build's cache (data/base_chunk_embeddings.npy) when it matches the chunks, else they are computed here."""
+    from pathlib import Path
+
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
     from core.hashing import ids_digest
 
-    info = bundle.embedder_info
-    if not info.get("finetuned"):
+    if not embedder_info.get("finetuned"):
         return None
-    model = SentenceTransformer(str(bundle.base_embedder_path()), device="cpu")
-    cache = info.get("base_chunk_embeddings") or {}
+    model = SentenceTransformer(str(base_path), device="cpu")
+    cache = embedder_info.get("base_chunk_embeddings") or {}
     emb = None
-    if cache.get("path") and bundle.file(cache["path"]).exists() and \
+    cached = Path(bundle_dir) / cache["path"] if cache.get("path") else None
+    if cached is not None and cached.exists() and \
             cache.get("chunk_ids") == ids_digest(c.chunk_id for c in retriever.chunks):
-        emb = np.load(bundle.file(cache["path"]))
+        emb = np.load(cached)
     if emb is None or len(emb) != len(retriever.chunks):
         emb = encode_texts(model, [c.text for c in retriever.chunks], autocast_device="cpu", progress=True)
     return Retriever(retriever.chunks, st_encoder(model), DenseIndex.build(emb), retriever.bm25, mode="dense",

@@ -34,6 +34,7 @@ from pathlib import Path
 from builder import chat_examples, lora_trainer
 from builder.evaluate_answers import SYSTEMS, answers_cache_key, evaluate_answers, select_questions
 from builder.questions import split_questions
+from core.abstention import AbstentionRule
 from core.bundle import (
     ADAPTER_DIR,
     ANSWERS_FILE,
@@ -58,13 +59,17 @@ ACCELERATE_DIR = Path(__file__).resolve().parent / "accelerate"
 # When nothing is held out, this share of the training questions (at least GATE_MIN, at most GATE_MAX: the gate
 # needs a clear signal, not a benchmark) is held back from training to decide whether the adapter ships.
 GATE_SLICE, GATE_MIN, GATE_MAX = 0.1, 10, 60
+# Training questions answered beside the test split, for the report card's train-vs-test gap: enough to see a
+# gap of ten points, few enough to cost seconds.
+TRAIN_FIT_QUESTIONS = 40
 
 
 def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions: list[dict],
         dev: list[dict], test: list[dict], bundle_dir: Path, device: str = "cpu",
-        retrieval_mode: str | None = None) -> dict:
+        retrieval_mode: str | None = None, abstention: AbstentionRule | None = None) -> dict:
     """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry. The gate decides on
-    ``dev`` (or a slice held back from training); ``test`` is scored once, after the decision, and reported."""
+    ``dev`` (or a slice held back from training), comparing the two models on every question; ``test`` is
+    scored once, after the decision, and reported as served: with the ``abstention`` rule applied."""
     if not cfg.llm.finetune:
         return {"adapter": None, "merged": None, "decision": "fine-tuning disabled (llm.finetune=false)"}
     bundle_dir = Path(bundle_dir)
@@ -119,12 +124,13 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
 
     focus = focus_for(retriever, base, *passage_budgets(cfg))
 
-    def answers(questions: list[dict], systems, label: str) -> dict:
+    def answers(questions: list[dict], systems, label: str, rule: AbstentionRule | None = None,
+                fit: list[dict] | None = None) -> dict:
         with step(f"answer evaluation on {len(questions)} questions ({label})"):
             return evaluate_answers(retriever, questions, cfg.retrieval.top_k, base, cfg, adapter=str(adapter_dir),
                                     merged=str(merged_dir) if merged_dir else None,
                                     merged_w8a8=str(int8_dir) if int8_dir else None, systems=systems, log=say,
-                                    focus=focus)
+                                    focus=focus, abstention=rule, fit_questions=fit or ())
 
     report: dict = {}
     if gate_questions:
@@ -136,10 +142,11 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
     if test:
         # Scored once, after the decision: both models, so the report shows what the gate kept and what it did not.
         picked = select_questions(test, cfg.eval.max_answer_questions)
-        tested = answers(picked, SYSTEMS, "test split")
+        fit = select_questions(train_questions, TRAIN_FIT_QUESTIONS)
+        tested = answers(picked, SYSTEMS, "test split", abstention, fit)
         # `assistant eval` on the same questions reads this instead of generating again.
         cached = {k: v for k, v in tested.items() if ship or k not in ("finetuned", "finetuned_vs_base")}
-        key = answers_cache_key(picked, cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg))
+        key = answers_cache_key(picked, cfg, cfg.retrieval.top_k, ship, passage_budgets(cfg), abstention)
         (bundle_dir / ANSWERS_FILE).write_text(json.dumps({"key": key, "report": cached}, indent=2) + "\n")
     if not ship:
         shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -159,7 +166,7 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
 
 def _reported(report: dict, split: str) -> dict:
     """The systems and comparisons of an answer report, labelled with the split they were scored on."""
-    keep = (*SYSTEMS, "finetuned_vs_base", "always_first", "top_passage")
+    keep = (*SYSTEMS, "finetuned_vs_base", "always_first", "top_passage", "train_fit")
     out = {k: report[k] for k in keep if k in report}
     return {**out, "split": split} if out else {}
 

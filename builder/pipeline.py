@@ -11,12 +11,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from builder import abstention, embedder, index, ingest, llm
 from builder import chunk as chunk_stage
-from builder import embedder, index, ingest, llm
-from builder.evaluate_retrieval import evaluate_modes
+from builder.evaluate_retrieval import base_dense_retriever, evaluate_modes, evaluate_retriever
 from builder.questions import qa_to_dict, read_questions, split_train_dev_test
 from builder.report_card import bundle_card
 from builder.report_card import render as render_card
+from core.abstention import AbstentionRule
 from core.bundle import (
     DEV_FILE,
     EMBEDDER_DIR,
@@ -131,7 +132,18 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                 ran.retrieval.rrf_k = int(param)
             dev_retrieval["questions_from"] = dev_from  # type: ignore[assignment]
             test_retrieval = _score_retrieval(retriever, qa_test, mode, fusion) if qa_test else {}
+            base_dense = base_dense_retriever(base_emb, emb_info, writer.tmp, retriever) if qa_test else None
+            if base_dense is not None:  # what fine-tuning the embedder changed, on the same test questions
+                test_retrieval["base_dense"] = evaluate_retriever(base_dense, qa_test, mode="dense")
         timing["eval_retrieval_s"] = s["seconds"]
+
+        with step("abstention (calibrated on dev)") as s:
+            abstention_info = (abstention.calibrate(retriever.ranking_as(mode, fusion), dev_questions,
+                                                    cfg.retrieval.abstain_max_false_refusal, dev_from)
+                               if cfg.retrieval.abstain else
+                               {"rule": None, "decision": "no abstention (retrieval.abstain=false)"})
+            say(f"    {abstention_info['decision']}")
+        timing["abstention_s"] = s["seconds"]
 
         with step("llm") as s:
             if cfg.llm.base_model == "tiny":
@@ -145,7 +157,8 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             writer.write_json(LLM_BASE_REF, llm_ref)
             # The LLM stage retrieves with the chosen fusion, exactly as serving will.
             llm_info = llm.run(ran, base_llm, chunks, train_questions, qa_dev, qa_test, writer.tmp,
-                               device=device, retrieval_mode=mode)
+                               device=device, retrieval_mode=mode,
+                               abstention=AbstentionRule.from_dict(abstention_info["rule"]))
             ran.llm.max_steps = llm_info.pop("max_steps", ran.llm.max_steps)
         timing["llm_s"] = s["seconds"]
         llm_info["base"] = llm_ref
@@ -165,13 +178,14 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
                    "selection": {"retrieval.mode": chose_retrieval, "retrieval.fusion": chose_retrieval,
                                  "embedder gate": emb_info.get("gate", {}).get("on", "none"),
                                  "llm gate": llm_info.get("gate_from", "none"),
+                                 "abstention": abstention_info.get("calibrated_on", "none"),
                                  "reported": f"test split ({len(qa_test)} questions)" if qa_test else "none"}}
         writer.write_json(METRICS_FILE, metrics)
         manifest = make_manifest(
             bundle_id=bundle_id, config=ran, retrieval=ServedRetrieval.from_config(ran.retrieval, mode),
             knowledge={"root": str(knowledge_dir.resolve()), "files": res.files,
                        "documents": len(res.documents), "qa_pairs": len(res.qa_pairs)},
-            models={"embedder": emb_info, "llm": llm_info},
+            models={"embedder": emb_info, "llm": llm_info}, abstention=abstention_info,
             index=index_info,
             data={"train_questions": len(train_questions), "dev_questions": len(qa_dev),
                   "test_questions": len(qa_test), "heldout_questions": len(qa_test),

@@ -23,7 +23,7 @@ from core.bundle import LOSS_PLOT, PAIRS_FILE, Bundle, Chunk
 from core.gold import GoldMatcher
 
 ANSWER_KEYS = ("f1", "f1_ci", "exact_match", "citation_chunk_model", "citation_served", "refusal_unanswerable",
-               "false_refusal")
+               "false_refusal", "abstained", "refusal_unanswerable_model", "f1_without_abstention")
 RETRIEVAL_KEYS = ("recall@1", "recall@5", "recall@10", "mrr@10")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#1b1f24;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.1em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -120,11 +120,26 @@ def render(card: dict) -> str:
                        "model's own first marker points at a passage that answers the question; citation_served: "
                        "the same after the gateway grounds the markers (it adds one where the model wrote none). "
                        "always_first / top_passage: citing [1], or the passage sharing most words with the "
-                       "question, with no model at all.</p>")
+                       "question, with no model at all. refusal_unanswerable / false_refusal: as served, the "
+                       "abstention rule first (abstained: the share of answerable questions it refused), then the "
+                       "model (refusal_unanswerable_model: the model's own refusals).</p>")
+        by_kind = {s: v["refusal_by_kind"] for s, v in card["answers"].items()
+                   if isinstance(v, dict) and isinstance(v.get("refusal_by_kind"), dict)}
+        if by_kind:
+            kinds = list(dict.fromkeys(k for v in by_kind.values() for k in v))
+            parts.append("<p>Refusal on unanswerable questions by kind (document_left_out: asked as if the "
+                         "documents that answer them were not indexed; off_topic; not_indexed: about documents "
+                         "the bundle was built without):</p>" + _table(by_kind, kinds))
         paired = card["answers"].get("finetuned_vs_base")
         if isinstance(paired, dict) and "ci" in paired:
             parts.append(f"<p>Fine-tuned minus base F1, paired over {paired.get('n')} questions: "
                          f"{_fmt(paired.get('diff'))}, 95% interval {_fmt(paired['ci'])}.</p>")
+    fit = card.get("answers", {}).get("train_fit")
+    if isinstance(fit, dict) and fit:
+        parts.append("<h2>LLM: F1 on training questions against test questions</h2>"
+                     + _table(fit, ("f1_train", "f1_test", "train_questions"))
+                     + '<p class="note">Both before abstention. A fine-tune far better on the questions it was '
+                       "trained on than on test ones has learned its questions rather than the task.</p>")
     if card.get("embedder_fit"):
         parts.append("<h2>Embedder: training pairs against held-out pairs</h2>" + _table(card["embedder_fit"],
                                                                                         RETRIEVAL_KEYS)
@@ -156,7 +171,8 @@ def bundle_card(bundle_dir: Path, manifest: dict, retriever, test_questions: Seq
     metrics = manifest.get("metrics", {})
     models = manifest.get("models", {})
     emb, llm = models.get("embedder", {}), models.get("llm", {})
-    names = {"dense": "fine-tuned embedder (dense)", "bm25": "BM25", "hybrid": "hybrid (the chosen fusion)"}
+    names = {"dense": "fine-tuned embedder (dense)", "bm25": "BM25", "hybrid": "hybrid (the chosen fusion)",
+             "base_dense": "base embedder (dense)"}
     retrieval = (report or {}).get("retrieval") or {names.get(k, k): v for k, v in metrics.get("retrieval", {}).items()
                                                       if isinstance(v, dict) and k != "served"}
     answers = (report or {}).get("answers") or metrics.get("answers", {})
@@ -178,6 +194,7 @@ def bundle_card(bundle_dir: Path, manifest: dict, retriever, test_questions: Seq
                   ("train / dev / test questions", splits),
                   ("served retrieval", served)],
         "decisions": {"embedder": emb.get("decision", "–"), "LLM adapter": llm.get("decision", "–"),
+                      "abstention": manifest.get("abstention", {}).get("decision", "–"),
                       **{f"chosen on: {k}": str(v) for k, v in metrics.get("selection", {}).items()}},
         "retrieval": retrieval, "retrieval_split": "questions given to assistant eval" if report else
         metrics.get("retrieval", {}).get("split", "test"),

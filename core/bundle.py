@@ -378,6 +378,12 @@ class Bundle:
         return str(self.path / rel) if rel and (self.path / rel).exists() else None
 
     @property
+    def abstention(self) -> dict:
+        """The manifest's ``abstention`` section: the calibrated rule (core.abstention) and how it was chosen;
+        {} for bundles built before abstention, which always answer."""
+        return self.manifest.get("abstention") or {}
+
+    @property
     def top_k(self) -> int:
         return self.retrieval.top_k
 

@@ -108,6 +108,11 @@ class RetrievalConfig:
                                "sentences of it (0: none); a chunk scores its best vector, so a question written "
                                "from one sentence finds it inside a chunk about more.")
     window_stride: int = _f(1, "Sentences between the starts of consecutive windows.")
+    abstain: bool = _f(True, "Answer 'The knowledge base does not say.' without asking the LLM when the retrieved "
+                       "passages match the question too weakly; the rule is calibrated on the dev questions "
+                       "(core/abstention.py).")
+    abstain_max_false_refusal: float = _f(0.05, "Share of the answerable dev questions the abstention rule may "
+                                          "refuse; a higher share refuses more unanswerable ones too.")
     bm25_stemmer: str = _f("english", "Snowball stemmer for BM25 tokens (PyStemmer language name; empty: none).")
     bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1.")
     bm25_b: float = _f(0.75, "BM25 length normalization b.")
@@ -355,7 +360,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "embedder.eval_fraction": (0, 1), "embedder.question_repeats": (1, None),
     "retrieval.top_k": (1, None), "retrieval.candidates": (1, None), "retrieval.rrf_k": (1, None),
     "retrieval.sentence_windows": (0, None), "retrieval.window_stride": (1, None), "retrieval.bm25_k1": (0, None),
-    "retrieval.bm25_b": (0, 1),
+    "retrieval.bm25_b": (0, 1), "retrieval.abstain_max_false_refusal": (0, 0.5),
     "llm.lora_r": (1, 512), "llm.lora_alpha": (1, None), "llm.lora_dropout": (0, 1), "llm.max_steps": (1, None),
     "llm.batch_size": (1, None), "llm.micro_batch_size": (1, None), "llm.learning_rate": (0, None),
     "llm.max_seq_len": (32, None), "llm.context_chunks": (1, None), "llm.p_gold_absent": (0, 1),

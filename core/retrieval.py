@@ -10,11 +10,12 @@ print(r.search('When do I top-dress maize?')[0])"
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,6 +83,16 @@ class RetrievalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Lookup:
+    """One query's retrieval: the ranked chunks (position, score), best first, and the best raw scores of the
+    two candidate lists behind them (cosine of the best dense match; 0 when a list is empty)."""
+
+    ranked: list[tuple[int, float]]
+    dense_top: float
+    bm25_top: float
 
 
 def rrf_fuse(rankings: Sequence[Sequence[int]], k: int = 60, weights: Sequence[float] | None = None,
@@ -373,6 +384,38 @@ class Retriever:
             return [b[:k] for b in bm]
         return fuse(dense, bm, self.fusion, limit=k)
 
+    def ranking_as(self, mode: str, fusion: str) -> Retriever:
+        """This retriever (same chunks, models and indexes) ranking in ``mode`` with ``fusion``."""
+        parse_fusion(fusion)
+        if mode not in self.MODES:
+            raise ValueError(f"retrieval mode must be one of {self.MODES}, got {mode!r}")
+        other = copy.copy(self)
+        other.mode, other.fusion = mode, fusion
+        return other
+
+    def lookup(self, queries: Sequence[str], k: int, trim: bool = True,
+               exclude: Sequence[Collection[int]] | None = None) -> list[Lookup]:
+        """Each query's retrieval as served: the ranked chunks (the LLM's passages with ``trim``, see passages())
+        and the best raw dense and BM25 scores among the candidates, which the abstention rule reads
+        (core.abstention). Both candidate lists are searched whatever the mode, so the scores always exist.
+        ``exclude`` (a collection of chunk positions per query) searches as if those chunks were not in the
+        index: how the evaluation asks the questions of a document that is left out."""
+        n = max(k, self.candidates)
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        dense, bm = self.candidates_for(queries, n + extra, "hybrid")
+        if exclude:
+            dense = [[(p, s) for p, s in d if p not in e][:n] for d, e in zip(dense, exclude)]
+            bm = [[(p, s) for p, s in b if p not in e][:n] for b, e in zip(bm, exclude)]
+        if self.mode == "dense":
+            ranked = [d[:k] for d in dense]
+        elif self.mode == "bm25":
+            ranked = [b[:k] for b in bm]
+        else:
+            ranked = fuse(dense, bm, self.fusion, limit=k)
+        if trim and self.gap_applies:
+            ranked = [within_gap(r, self.passage_gap) for r in ranked]
+        return [Lookup(r, d[0][1] if d else 0.0, b[0][1] if b else 0.0) for r, d, b in zip(ranked, dense, bm)]
+
     @property
     def gap_applies(self) -> bool:
         """The passage gap needs scores on one scale for every query: z-score fusion's standardized ones."""
@@ -390,6 +433,10 @@ class Retriever:
         start = time.perf_counter()
         ranked = self.passages([query], k)[0] if trim and mode in (None, self.mode) else self.rank([query], k, mode)[0]
         self.last_timing_ms = (time.perf_counter() - start) * 1000
+        return self.results(ranked)
+
+    def results(self, ranked: Sequence[tuple[int, float]]) -> list[RetrievalResult]:
+        """Ranked (position, score) pairs as the chunks they name."""
         results = []
         for rank, (pos, score) in enumerate(ranked, start=1):
             c = self.chunks[pos]

@@ -122,7 +122,7 @@ def build_router(service: RagService, settings: GatewaySettings) -> APIRouter:
                 model=req.model, choices=[Choice(message=ResponseMessage(content=out["text"]),
                                                  finish_reason=out["finish_reason"])],
                 usage=out["usage"], sources=out["sources"], retrieval_query=out["query"],
-                retrieval_ms=out["retrieval_ms"])
+                retrieval_ms=out["retrieval_ms"], abstained=out["abstained"])
         events = service.answer_events(req.model, messages, params, passages=req.passages)
         # Wait for retrieval and the first token before sending headers, so that a bad request or a model
         # server that is down gets a real status code instead of an error inside a 200 stream.
@@ -161,7 +161,7 @@ async def _stream(model: str, events: AsyncIterator, include_usage: bool) -> Asy
                 yield chunk(DeltaMessage(content=ev.text))
             elif ev.kind == "done":
                 yield chunk(DeltaMessage(), ev.finish_reason, sources=ev.sources, retrieval_query=ev.query,
-                            retrieval_ms=ev.retrieval_ms)
+                            retrieval_ms=ev.retrieval_ms, abstained=ev.abstained)
                 if include_usage and ev.usage is not None:
                     body = ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=ev.usage)
                     yield _sse(body.model_dump(exclude_none=True))

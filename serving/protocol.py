@@ -119,6 +119,7 @@ class ChatCompletionResponse(BaseModel):
     sources: list[Source]
     retrieval_query: str  # what was searched (the latest turn, with the previous one when it is a follow-up)
     retrieval_ms: float
+    abstained: bool = False  # the passages were too weak to answer from: the refusal, without asking the model
 
 
 class DeltaMessage(BaseModel):
@@ -142,6 +143,7 @@ class ChatCompletionChunk(BaseModel):
     sources: list[Source] | None = None  # on the chunk that carries finish_reason
     retrieval_query: str | None = None
     retrieval_ms: float | None = None
+    abstained: bool | None = None
 
 
 class ModelCard(BaseModel):

@@ -21,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.abstention import Abstainer, bundle_abstainer
 from core.bundle import CHUNKS_FILE, HELDOUT_FILE, INDEX_DIR, Bundle, read_chunks
 from core.citations import CitationGrounder, ground_citations
 from core.focus import PassageFocus, bundle_focus
-from core.prompting import build_messages, parse_citations
+from core.prompting import REFUSAL, build_messages, parse_citations
 from core.retrieval import RetrievalResult, Retriever
 from core.text import STOPWORDS
 from serving.protocol import Source, Usage
@@ -303,6 +304,7 @@ class Assistant:
     retriever: Retriever
     examples: list[str] = field(default_factory=list)
     focus: PassageFocus | None = None  # cuts the passages the LLM reads; None: whole passages
+    abstainer: Abstainer | None = None  # says when the passages are too weak to answer from; None: never
 
     @property
     def name(self) -> str:
@@ -318,6 +320,7 @@ class AnswerEvent:
     retrieval_ms: float = 0.0
     finish_reason: str | None = None
     usage: Usage | None = None
+    abstained: bool = False  # the abstention rule answered: the model was not asked
 
 
 def example_questions(bundle: Bundle, limit: int = 4) -> list[str]:
@@ -367,7 +370,8 @@ class RagService:
             bundle = Bundle.load(served.bundle_dir)
             retriever = Retriever.load(bundle, device=settings.retrieval_device)
             focus = bundle_focus(bundle, retriever)
-            assistants.append(Assistant(served, bundle, retriever, example_questions(bundle), focus))
+            assistants.append(Assistant(served, bundle, retriever, example_questions(bundle), focus,
+                                        bundle_abstainer(bundle, retriever)))
         if upstream is None:
             upstream = (LocalUpstream({a.served.upstream_model: a.bundle for a in assistants})
                         if settings.local_generation else OpenAIUpstream(settings))
@@ -388,13 +392,18 @@ class RagService:
     async def retrieve(self, model: str | None, query: str, k: int | None = None
                        ) -> tuple[list[RetrievalResult], float]:
         """(passages, milliseconds spent embedding, searching and fusing)."""
-        assistant = self.get(model)
+        hits, ms, _ = await self._retrieve(self.get(model), query, k)
+        return hits, ms
 
+    async def _retrieve(self, assistant: Assistant, query: str, k: int | None
+                        ) -> tuple[list[RetrievalResult], float, bool]:
+        """(passages, milliseconds, whether the bundle's abstention rule says the passages cannot answer)."""
         def run():
             start = time.perf_counter()
             # A pinned count is served as asked; the bundle's default is top_k less the passages far behind.
-            hits = assistant.retriever.search(query, k=k or assistant.bundle.top_k, trim=not k)
-            return hits, (time.perf_counter() - start) * 1000
+            found = assistant.retriever.lookup([query], k or assistant.bundle.top_k, trim=not k)[0]
+            abstain = assistant.abstainer is not None and assistant.abstainer.decide(query, found)
+            return assistant.retriever.results(found.ranked), (time.perf_counter() - start) * 1000, abstain
 
         return await asyncio.get_running_loop().run_in_executor(self._retrieval_pool, run)
 
@@ -408,7 +417,9 @@ class RagService:
         assistant = self.get(model)
         question, history = split_conversation(messages, self.settings.history_messages)
         query = retrieval_query(messages)
-        hits, ms = await self.retrieve(assistant.name, query, passages)
+        hits, ms, abstain = await self._retrieve(assistant, query, passages)
+        if abstain:  # no prompt: the model is not asked
+            return assistant, query, hits, ms, None
         given = prompt_passages(hits)
         if assistant.focus is not None and assistant.focus.enabled:  # a few ms of tokenizing: off the event loop
             given = await asyncio.get_running_loop().run_in_executor(self._retrieval_pool, assistant.focus.apply,
@@ -418,22 +429,32 @@ class RagService:
 
     async def answer(self, model: str | None, messages: Sequence[dict], params: dict | None = None,
                      passages: int | None = None) -> dict:
-        """A whole answer: {text, finish_reason, usage, sources, query, retrieval_ms}."""
+        """A whole answer: {text, finish_reason, usage, sources, query, retrieval_ms, abstained}."""
         assistant, query, hits, ms, prompt = await self._prepare(model, messages, passages)
+        if prompt is None:
+            return {"text": REFUSAL, "finish_reason": "stop", "usage": Usage(), "sources": to_sources(hits),
+                    "query": query, "retrieval_ms": round(ms, 2), "abstained": True}
         done = await self.upstream.complete(assistant.served.upstream_model, prompt,
                                             self._params(assistant, params))
         text = ground_citations(done.text, prompt_passages(hits)) if self.settings.ground_citations else done.text
         cited = parse_citations(text, len(hits))
         return {"text": text, "finish_reason": done.finish_reason, "usage": done.usage,
-                "sources": to_sources(hits, cited), "query": query, "retrieval_ms": round(ms, 2)}
+                "sources": to_sources(hits, cited), "query": query, "retrieval_ms": round(ms, 2),
+                "abstained": False}
 
     async def answer_events(self, model: str | None, messages: Sequence[dict], params: dict | None = None,
                             passages: int | None = None) -> AsyncIterator[AnswerEvent]:
         """Stream an answer: a 'sources' event as soon as retrieval is done, 'delta' events, then 'done'
-        (with the sources again, marked with whether the answer cited them)."""
+        (with the sources again, marked with whether the answer cited them). Where the abstention rule
+        abstains, the one delta is the refusal sentence and the model is not asked."""
         assistant, query, hits, ms, prompt = await self._prepare(model, messages, passages)
         ms = round(ms, 2)
         yield AnswerEvent("sources", sources=to_sources(hits), query=query, retrieval_ms=ms)
+        if prompt is None:
+            yield AnswerEvent("delta", text=REFUSAL)
+            yield AnswerEvent("done", text=REFUSAL, sources=to_sources(hits), query=query, retrieval_ms=ms,
+                              finish_reason="stop", usage=Usage(), abstained=True)
+            return
         text, finish, usage = "", None, None
         grounder = CitationGrounder(prompt_passages(hits)) if self.settings.ground_citations else None
         async for kind, value in self.upstream.stream(assistant.served.upstream_model, prompt,

@@ -70,6 +70,23 @@ def test_auto_mode_serves_the_fusion_with_the_best_dev_mrr_and_reports_the_test_
     assert selection["reported"].startswith("test split")
 
 
+def test_the_test_figures_put_the_base_embedder_and_the_training_questions_beside_the_fine_tunes(tiny_bundle):
+    from builder.evaluate_retrieval import retrieval_report
+    from core.bundle import Bundle
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    test = manifest["metrics"]["retrieval"]
+    assert manifest["models"]["embedder"]["finetuned"]  # the tiny base is random: its fine-tune ships (seeded)
+    # The build's own base-embedder figure is what `assistant eval` computes for the same questions.
+    questions = [json.loads(line) for line in (tiny_bundle / "eval" / "heldout.jsonl").open()]
+    assert test["base_dense"] == retrieval_report(Bundle.load(tiny_bundle), questions)["base"]
+    fit = manifest["metrics"]["answers"]["train_fit"]
+    assert set(fit) == {"base", "finetuned"}
+    for system, row in fit.items():
+        assert row["train_questions"] == 40 and 0 <= row["f1_train"] <= 1
+        assert row["f1_test"] == manifest["metrics"]["answers"][system]["f1_without_abstention"]
+
+
 def test_heldout_faq_questions_are_not_indexed(tiny_bundle):
     held = [json.loads(line) for line in (tiny_bundle / "eval" / "heldout.jsonl").open()]
     assert held, "the sample FAQ should leave some questions for evaluation"

@@ -54,7 +54,9 @@ def test_the_scored_subset_is_deterministic_and_independent_of_order():
 
 
 class FakeRetriever:
-    """Ranks every chunk, those sharing the most words with the query first."""
+    """Ranks every chunk, those sharing the most words with the query first; ``lookup`` as core.retrieval's."""
+
+    candidates = 50
 
     def __init__(self, chunks):
         self.chunks = chunks
@@ -68,6 +70,13 @@ class FakeRetriever:
             out.append([(i, 1.0) for i in scored[:k]])
         return out
 
+    def lookup(self, queries, k, trim=True, exclude=None):
+        from core.retrieval import Lookup
+
+        ranked = self.rank(queries, len(self.chunks))
+        exclude = exclude or [()] * len(queries)
+        return [Lookup([(i, s) for i, s in r if i not in e][:k], 0.5, 1.0) for r, e in zip(ranked, exclude)]
+
 
 def _chunks():
     chunks = []
@@ -78,21 +87,40 @@ def _chunks():
     return chunks
 
 
-def test_unanswerable_cases_lack_the_source_document_and_the_answer_and_include_off_topic_questions():
+def test_unanswerable_cases_are_retrieved_without_the_answering_documents_plus_off_topic_and_not_indexed():
+    from builder.abstention import off_topic
+
     chunks = _chunks()
     qs = [{"question": f"what is the answer for topic{d} part{p}?", "answer": f"value{d}{p}", "source": f"doc{d}.md"}
           for d in range(5) for p in range(3)]
-    cases = evaluate_answers.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3)
-    removed = [c for c in cases if c[2] == "source_removed"]
-    off = [c for c in cases if c[2] == "off_topic"]
-    assert len(removed) == max(1, int(len(qs) * evaluate_answers.UNANSWERABLE_SHARE))
-    assert [c[0] for c in off] == list(evaluate_answers.OFF_TOPIC)
+    cases = evaluate_answers.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3,
+                                                not_indexed=["what is the answer for topic9?"])
+    left = [c for c in cases if c[2] == "document_left_out"]
+    assert len(left) == max(1, int(len(qs) * evaluate_answers.UNANSWERABLE_SHARE))
+    assert [c[0] for c in cases if c[2] == "off_topic"] == off_topic("test")
+    assert [c[0] for c in cases if c[2] == "not_indexed"] == ["what is the answer for topic9?"]
     by_q = {q["question"]: q for q in qs}
-    for question, passages, _ in removed:
+    for question, passages, _, lookup in left:
         q = by_q[question]
-        assert len(passages) == 3
+        # The system's own retrieval over the rest of the index: no chunk of the answering document.
+        assert len(passages) == 3 and [p["chunk_id"] for p in passages] == [chunks[i].chunk_id for i, _ in lookup.ranked]
         assert all(p["source"] != q["source"] and q["answer"] not in p["text"] for p in passages)
-    assert cases == evaluate_answers.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3)
+    assert cases == evaluate_answers.unanswerable_cases(FakeRetriever(chunks), qs, top_k=3,
+                                                        not_indexed=["what is the answer for topic9?"])
+
+
+def test_answers_are_scored_as_served_where_the_rule_abstains_and_citations_on_the_models_own_output():
+    answers = ["50 kg of DAP per acre [2]", "50 kg of DAP per acre [2]"]
+    contexts = [[OTHER, GOLD]] * 2
+    m = evaluate_answers.score(answers, [Q, Q], contexts, unanswerable=["Plant in March [1]", "It is blue [1]"],
+                               abstained=[False, True], unanswerable_abstained=[True, False],
+                               unanswerable_kinds=["off_topic", "document_left_out"])
+    assert m["f1"] == 0.5 and m["f1_without_abstention"] == 1.0  # the refused one scores 0
+    assert m["false_refusal"] == 0.5 and m["abstained"] == 0.5
+    assert m["citation_chunk_model"] == 1.0  # the model's own markers, whatever the rule did
+    assert m["citation_served"] == 0.5  # the served refusal cites nothing
+    assert m["refusal_unanswerable"] == 0.5 and m["refusal_unanswerable_model"] == 0.0
+    assert m["refusal_by_kind"] == {"off_topic": 1.0, "document_left_out": 0.0}
 
 
 @pytest.fixture(scope="module")

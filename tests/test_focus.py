@@ -132,7 +132,7 @@ def test_the_answer_evaluation_prompts_with_cut_passages_and_scores_citations_on
 
     monkeypatch.setattr(evaluate_answers, "generate_answers", fake_generate)
     report = evaluate_answers.evaluate_answers(retriever, questions, 3, "unused", cfg, systems=("base",), focus=focus)
-    contexts = evaluate_answers.retrieve_contexts(retriever, questions, 3)
+    contexts, _ = evaluate_answers.retrieve_contexts(retriever, [q["question"] for q in questions], 3)
     for q, conversation, passages in zip(questions, seen["base"], contexts):
         user = conversation[-1]["content"]
         for p in focus.apply(q["question"], passages):
