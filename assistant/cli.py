@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -64,8 +63,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="gateway host (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=7860, help="gateway and UI port (default 7860)")
     s.add_argument("--vllm-port", type=int, default=8000, help="port of the vLLM server (default 8000)")
-    s.add_argument("--api-key", default=os.environ.get("ASSISTANT_API_KEY"),
-                   help="require this bearer key on the gateway and on vLLM (env ASSISTANT_API_KEY)")
+    s.add_argument("--api-key-file", metavar="FILE", default=None,
+                   help="require the key on this file's first line as a bearer key on the gateway, vLLM and "
+                        "the UI; without it, env ASSISTANT_API_KEY. There is no --api-key: a key on a command "
+                        "line is visible to every local user")
+    # Not an option: a key on a command line is visible to every local user; this only says so.
+    s.add_argument("--api-key", dest="api_key_given", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--max-pending", type=int, default=128,
+                   help="answers in flight past which a new request gets 429 with Retry-After (default 128)")
+    s.add_argument("--allow-open", action="store_true",
+                   help="serve on a non-loopback --host without any key (refused otherwise)")
     s.add_argument("--no-vllm", action="store_true",
                    help="generate with transformers in-process instead of starting vLLM (debugging only)")
     s.add_argument("--vllm-log", metavar="FILE", default=None,
@@ -82,6 +89,12 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--top-k", type=int, default=None, help="passages to give the model, exactly (default: the bundle's retrieval.top_k, "
                    "less those scoring far behind the best: retrieval.passage_gap)")
     a.add_argument("--base", action="store_true", help="answer with the base model, ignoring the adapter")
+
+    v = sub.add_parser("verify", help="check every file of a bundle against the sha256 in its manifest",
+                       description="Hash every file the manifest lists and report any missing, resized or "
+                                   "changed one (serving checks sizes and the index's hashes at every load). "
+                                   "Exit status 1 when something is wrong.")
+    v.add_argument("bundle", nargs="?", default="bundles", help="a bundle folder or a bundles folder (its latest)")
 
     e = sub.add_parser("eval", help="evaluate a bundle's retrieval (and answers) on a question file")
     e.add_argument("bundle", help="a bundle folder or a bundles folder (its latest)")
@@ -158,10 +171,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from core.bundle import CONTENTS_KEY, MANIFEST, check_contents, resolve_bundle
+
+    path = resolve_bundle(args.bundle)
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    listed = manifest.get(CONTENTS_KEY) or {}
+    if not listed:
+        print(f"error: {path / MANIFEST} lists no contents (a bundle built before they were recorded): "
+              "nothing to verify against; rebuild it to get them", file=sys.stderr)
+        return 2
+    problems = check_contents(path, manifest, full=True)
+    for p in problems:
+        print(f"bad: {p}")
+    size = sum(int(v.get("size", 0)) for v in listed.values())
+    print(f"{'FAILED' if problems else 'ok'}: {len(listed)} files, {size / 2**20:.1f} MiB checked against "
+          f"{path / MANIFEST}" + (f"; {len(problems)} wrong" if problems else ""))
+    return 1 if problems else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.launcher import serve
+    from serving.settings import read_api_key
 
-    return serve(args.bundle, host=args.host, port=args.port, vllm_port=args.vllm_port, api_key=args.api_key,
+    if args.api_key_given is not None:
+        print("error: there is no --api-key: a key on a command line is visible to every local user (ps). "
+              "Put it in env ASSISTANT_API_KEY, or in a file given with --api-key-file FILE.", file=sys.stderr)
+        return 2
+    try:
+        api_key = read_api_key(args.api_key_file)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(args.bundle, host=args.host, port=args.port, vllm_port=args.vllm_port, api_key=api_key,
+                 allow_open=args.allow_open, max_pending=args.max_pending,
                  use_vllm=not args.no_vllm, vllm_log=args.vllm_log, vllm_args=args.vllm_args,
                  ready_timeout=args.ready_timeout)
 
@@ -169,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    handlers = {"build": cmd_build, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve}
+    handlers = {"build": cmd_build, "ask": cmd_ask, "eval": cmd_eval, "serve": cmd_serve, "verify": cmd_verify}
     try:
         return handlers[args.command](args)
     except (ConfigError, BundleError) as exc:

@@ -40,6 +40,7 @@ from typing import Any
 
 from core import __version__
 from core.config import BuildConfig, RetrievalConfig, config_from_dict
+from core.hashing import file_sha256
 
 FORMAT_VERSION = 2
 
@@ -207,6 +208,7 @@ class BundleWriter:
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
             raise ValueError(f"manifest lacks {missing}")
+        manifest = {**manifest, CONTENTS_KEY: inventory(self.tmp)}
         self.write_json(MANIFEST, manifest)
         with open(self.tmp / MANIFEST, "rb") as fh:
             os.fsync(fh.fileno())
@@ -227,6 +229,40 @@ def point_latest(out_dir: Path, bundle_id: str) -> None:
         tmp_link.unlink()
     os.symlink(bundle_id, tmp_link)
     os.replace(tmp_link, link)
+
+
+# ----------------------------------------------------------------------------------------------- contents
+
+# The manifest lists every file of the bundle with its size and sha256 (``contents``). Every load checks that
+# each is there at its size, and hashes the index (what retrieval reads, small: a damaged index answers wrong
+# without an error); `assistant verify` hashes every file.
+CONTENTS_KEY = "contents"
+HASHED_ON_LOAD = (INDEX_DIR + "/",)
+
+
+def inventory(folder: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under ``folder`` but the manifest."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel != MANIFEST:
+            out[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    return out
+
+
+def check_contents(path: Path, manifest: dict, full: bool = False) -> list[str]:
+    """What is wrong with a bundle's files against its manifest's ``contents`` (empty: nothing): missing files,
+    sizes that differ, and hashes that differ (the index's always, every file's with ``full``). Reads only."""
+    problems = []
+    for rel, want in (manifest.get(CONTENTS_KEY) or {}).items():
+        f = Path(path) / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != want.get("size"):
+            problems.append(f"{rel} has {f.stat().st_size:,} bytes, the manifest says {want.get('size'):,}")
+        elif (full or rel.startswith(HASHED_ON_LOAD)) and file_sha256(f) != want.get("sha256"):
+            problems.append(f"{rel} does not match its sha256 in the manifest (changed or damaged)")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -307,6 +343,11 @@ class Bundle:
             raise BundleError(f"{p / MANIFEST}: bundle format {version!r}, and this builder reads formats 1 and "
                               f"{FORMAT_VERSION}: rebuild the bundle with this builder (assistant build), or serve "
                               "it with the builder that wrote it")
+        problems = check_contents(p, manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more: assistant verify {p} lists them)" if len(problems) > 1 else ""
+            raise BundleError(f"{p}: {problems[0]}{more}; the bundle is damaged: restore it or rebuild it with "
+                              "assistant build")
         try:
             config = config_from_dict(manifest.get("config") or {})
             retrieval = ServedRetrieval(**manifest["retrieval"])

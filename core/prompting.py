@@ -18,32 +18,46 @@ SYSTEM_PROMPT = (
 )
 
 _FENCE = re.compile(r"</?\s*passage[^>]*>", re.IGNORECASE)
+# The control tokens of the common chat templates (ChatML and SmolLM2's <|im_start|>, Llama 3's <|eot_id|>,
+# DeepSeek's full-width <｜...｜>, Llama 2 and Mistral's [INST] and <s>, Gemma's <start_of_turn>): written in a
+# document, a question or a past turn, one would open or close a real turn once the prompt is tokenized. A
+# zero-width space after its first character breaks the exact string a tokenizer matches as a special token and
+# leaves the text reading as it did.
+_CONTROL = re.compile(r"<\|[^<>|\s]{1,64}\|>|<｜[^<>｜\s]{1,64}｜>|</?s>|<(?:unk|pad|bos|eos|start_of_turn|end_of_turn)>"
+                      r"|\[/?INST\]|<</?SYS>>", re.IGNORECASE)
+ZERO_WIDTH_SPACE = "\u200b"
 _CITATION = re.compile(r"\[(\d{1,2})\]")
+
+
+def neutralize(text: str) -> str:
+    """``text`` with every chat-template control token made plain text (see _CONTROL)."""
+    return _CONTROL.sub(lambda m: m.group(0)[0] + ZERO_WIDTH_SPACE + m.group(0)[1:], text)
 
 
 def format_passages(passages: Sequence[dict]) -> str:
     """passages: dicts with 'text' and 'source' (and optional 'location')."""
     parts = []
     for i, p in enumerate(passages, start=1):
-        text = _FENCE.sub("", p["text"]).strip()
+        text = neutralize(_FENCE.sub("", p["text"])).strip()
         where = p.get("source", "")
         if p.get("location"):
             where = f"{where} ({p['location']})"
-        where = where.replace('"', "'")
+        where = neutralize(where.replace('"', "'"))
         parts.append(f'<passage id="{i}" source="{where}">\n{text}\n</passage>')
     return "\n".join(parts)
 
 
 def user_message(question: str, passages: Sequence[dict]) -> str:
-    return f"Passages:\n{format_passages(passages)}\n\nQuestion: {question.strip()}"
+    return f"Passages:\n{format_passages(passages)}\n\nQuestion: {neutralize(question.strip())}"
 
 
 def build_messages(question: str, passages: Sequence[dict], history: Sequence[dict] | None = None) -> list[dict]:
-    """System prompt, earlier turns as they were, then the latest question with its passages."""
+    """System prompt, earlier turns (control tokens made plain text), then the latest question with its
+    passages. The one rule for system messages: only the bundle's applies (the gateway drops a client's)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for turn in history or []:
         if turn.get("role") in ("user", "assistant") and isinstance(turn.get("content"), str):
-            messages.append({"role": turn["role"], "content": turn["content"]})
+            messages.append({"role": turn["role"], "content": neutralize(turn["content"])})
     messages.append({"role": "user", "content": user_message(question, passages)})
     return messages
 

@@ -144,10 +144,13 @@ def plan_vllm(bundle: Bundle, *, host: str = "127.0.0.1", port: int = 8000, api_
         names.append(f"{name}-base")
     else:
         argv += ["--model", base, "--served-model-name", name]
-    if api_key:
-        argv += ["--api-key", api_key]
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONUNBUFFERED": "1"}
+    if api_key:
+        # vLLM reads its key from the environment too; a command line is readable by every local user (ps).
+        # vLLM checks it on some route prefixes only; the guard (core/vllm_guard.py) checks it on all of them.
+        env["VLLM_API_KEY"] = api_key
+        argv += ["--middleware", "core.vllm_guard.RequireKey"]
     if device.startswith("cuda"):
         argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size),
                  "--data-parallel-size", str(cfg.data_parallel_size),

@@ -10,15 +10,17 @@ POST /v1/retrieve, GET /health (the process is up), GET /ready (indexes loaded a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.bundle import REPORT_FILE
@@ -44,8 +46,112 @@ class Unauthorized(GatewayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
+class RequestTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past ``max_bytes`` gets a 413 in OpenAI's error format before any route
+    reads it (by its Content-Length), or as soon as the bytes received pass it (a chunked body), so no route
+    ever holds more than the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def message(self) -> str:
+        return f"The request body is larger than this gateway accepts ({self.max_bytes:,} bytes)."
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(RequestTooLarge(self.message()))(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # An HTTPException passes FastAPI's body parsing unchanged and reaches on_http_error.
+                    raise HTTPException(status_code=413, detail=self.message())
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+class LoginThrottle:
+    """The chat UI's login check (any user name, the key as the password). After ``free`` failed logins within
+    ``window_s``, every attempt waits ``delay_s`` in a single line before it is checked, so guessing runs at no
+    more than one try per ``delay_s`` however many are sent at once (Gradio tells the check nothing about the
+    client, so the line is shared; it forms only while failures keep coming)."""
+
+    def __init__(self, key: str, free: int = 5, window_s: float = 60.0, delay_s: float = 1.0):
+        self.key = key.encode()
+        self.free, self.window_s, self.delay_s = free, window_s, delay_s
+        self.failures: list[float] = []
+        self._line = asyncio.Lock()
+
+    def _check(self, password) -> bool:
+        ok = secrets.compare_digest(str(password).encode(), self.key)
+        if not ok:
+            self.failures.append(time.monotonic())
+        return ok
+
+    async def check(self, _user, password) -> bool:
+        """The coroutine Gradio calls (a bound coroutine method: Gradio awaits only what inspect calls a
+        coroutine function, and an instance with an async __call__ is not one)."""
+        cutoff = time.monotonic() - self.window_s
+        self.failures = [t for t in self.failures if t > cutoff]
+        if len(self.failures) < self.free:
+            return self._check(password)
+        async with self._line:
+            await asyncio.sleep(self.delay_s)
+            return self._check(password)
+
+
+async def unless_gone(request: Request, work, poll_s: float = 0.25):
+    """``await work``, unless the client disconnects first: then the work is cancelled (the upstream request
+    closes with it, which tells vLLM to stop generating) and None is returned. Streaming answers get the same
+    from their generator being closed."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    finally:
+        if not task.done():  # our own cancellation (server shutdown): take the work with us
+            task.cancel()
+
+
+def check_limits(req: ChatCompletionRequest, settings: GatewaySettings) -> None:
+    """Refuse a request past the gateway's limits before any retrieval or generation (400, naming the field)."""
+    if len(req.messages) > settings.max_messages:
+        raise InvalidRequest(f"messages: {len(req.messages):,} messages; at most {settings.max_messages:,} are "
+                             "accepted", param="messages")
+    for i, m in enumerate(req.messages):
+        if len(m.text()) > settings.max_message_chars:
+            raise InvalidRequest(f"messages.{i}.content: {len(m.text()):,} characters; at most "
+                                 f"{settings.max_message_chars:,} are accepted", param=f"messages.{i}.content")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, field)
+        if value is not None and value > settings.max_tokens_limit:
+            raise InvalidRequest(f"{field}: {value}; at most {settings.max_tokens_limit} tokens are generated "
+                                 "per answer", param=field)
+
+
 def error_response(exc: GatewayError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if getattr(exc, "retry_after_s", None):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
@@ -60,7 +166,7 @@ def require_key(settings: GatewaySettings):
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
                                                                    settings.api_key.encode()):
             raise Unauthorized("Missing or invalid API key. Send it as `Authorization: Bearer <key>` "
-                               "(the key given to `assistant serve --api-key`).")
+                               "(the key `assistant serve` was given: env ASSISTANT_API_KEY or --api-key-file).")
 
     return check
 
@@ -110,14 +216,17 @@ def build_router(service: RagService, settings: GatewaySettings) -> APIRouter:
         return RetrieveResponse(model=a.name, query=req.query, data=to_sources(hits), retrieval_ms=round(ms, 2))
 
     @router.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         if req.n != 1:
             raise InvalidRequest("only n=1 is supported", param="n")
+        check_limits(req, settings)
         service.get(req.model)  # an unknown model fails before any work, streaming or not
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         params = req.sampling_params()
         if not req.stream:
-            out = await service.answer(req.model, messages, params, passages=req.passages)
+            out = await unless_gone(request, service.answer(req.model, messages, params, passages=req.passages))
+            if out is None:  # nobody is listening any more; the generation was cancelled
+                return Response(status_code=499)
             return ChatCompletionResponse(
                 model=req.model, choices=[Choice(message=ResponseMessage(content=out["text"]),
                                                  finish_reason=out["finish_reason"])],
@@ -180,10 +289,12 @@ def create_app(settings: GatewaySettings, service: RagService | None = None) -> 
         yield
         await service.close()
 
+    # No open docs: the schema is served behind the key (below), like every other route.
     app = FastAPI(title=settings.title, description="OpenAI-compatible retrieval-augmented assistant",
-                  lifespan=lifespan, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(GatewayError)
     async def on_gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
@@ -192,27 +303,33 @@ def create_app(settings: GatewaySettings, service: RagService | None = None) -> 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            where = [p for p in first.get("loc", []) if isinstance(p, int)]
+            at = f" (at character {where[0]})" if where else ""
+            return error_response(InvalidRequest(f"the request body is not valid JSON{at}"))
         loc = [str(p) for p in first.get("loc", []) if p != "body"]
         message = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid request')}"
         return error_response(InvalidRequest(message, param=".".join(loc) or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = GatewayError(str(exc.detail), status=exc.status_code)
+        err = GatewayError(str(exc.detail), status=exc.status_code,
+                           code="request_too_large" if exc.status_code == 413 else None)
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(err)
 
     app.include_router(build_router(service, settings))
+
+    @app.get("/api/openapi.json", dependencies=[Depends(require_key(settings))], include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     if settings.ui:
         import gradio as gr
 
         from serving.ui import CSS, build_ui
 
-        auth = None
-        if settings.api_key:
-            key = settings.api_key
-            auth = lambda _user, password: secrets.compare_digest(str(password).encode(), key.encode())
+        auth = LoginThrottle(settings.api_key).check if settings.api_key else None
         app = gr.mount_gradio_app(app, build_ui(service), path=settings.ui_path, auth=auth,
                                   auth_message="This assistant needs its API key: any user name, "
                                                "the key as the password.",

@@ -70,6 +70,13 @@ class UpstreamError(GatewayError):
     status, type, code = 502, "upstream_error", "model_server_error"
 
 
+class TooManyRequests(GatewayError):
+    """The gateway's queue to the model server is full; the client should retry after ``retry_after_s``."""
+
+    status, type, code = 429, "rate_limit_error", "queue_full"
+    retry_after_s = 1
+
+
 # ------------------------------------------------------------------------------ conversation handling
 
 # Words that point back at an earlier turn; a question holding one is searched together with the previous
@@ -156,6 +163,7 @@ class OpenAIUpstream:
                                   timeout=httpx.Timeout(settings.upstream_timeout_s,
                                                         connect=settings.connect_timeout_s))
         self.connect_timeout_s = settings.connect_timeout_s
+        self.probe_timeout_s = settings.ready_probe_timeout_s
 
     def _translate(self, exc: Exception) -> GatewayError:
         import openai
@@ -213,12 +221,21 @@ class OpenAIUpstream:
         except Exception as exc:
             raise self._translate(exc) from exc
 
-    async def check(self) -> tuple[bool, str]:
+    async def check(self, model: str) -> tuple[bool, str]:
+        """Whether the engine generates: one token of ``model``, within the probe timeout. Listing the models
+        would not do: vLLM's HTTP server answers that while its engine is dead or hung."""
+        start = time.perf_counter()
         try:
-            models = await self.client.models.list(timeout=self.connect_timeout_s + 2)
+            await self.client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ok"}],
+                                                      max_tokens=1, temperature=0.0, timeout=self.probe_timeout_s)
         except Exception as exc:  # noqa: BLE001
+            import openai
+
+            if isinstance(exc, openai.APITimeoutError):
+                return False, (f"the language model server (vLLM at {self.base_url}) did not generate one token "
+                               f"of {model!r} in {self.probe_timeout_s:g} s: its engine is hung or overloaded")
             return False, self._translate(exc).message
-        return True, "serving " + ", ".join(m.id for m in models.data)
+        return True, f"model {model!r} generated a token in {(time.perf_counter() - start) * 1000:.0f} ms"
 
     async def close(self) -> None:
         await self.client.close()
@@ -285,8 +302,8 @@ class LocalUpstream:
                 usage = value
         return Completion(text, finish, usage)
 
-    async def check(self) -> tuple[bool, str]:
-        return True, "generating in-process with transformers"
+    async def check(self, model: str) -> tuple[bool, str]:
+        return True, f"generating {model!r} in-process with transformers"
 
     async def close(self) -> None:
         return None
@@ -358,6 +375,8 @@ class RagService:
         # Retrieval runs off the event loop, one query at a time: it is a few milliseconds of CPU, and
         # running several at once on a small machine only makes them contend with vLLM for cores.
         self._retrieval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
+        self._probe: tuple[float, bool, str] | None = None  # (when, ok, detail) of the last readiness probe
+        self.pending = 0  # answers admitted and not finished: generating in vLLM or waiting in its queue
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, upstream=None) -> RagService:
@@ -427,9 +446,29 @@ class RagService:
         prompt = build_messages(question, given, history)
         return assistant, query, hits, ms, prompt
 
+    def _admit(self) -> None:
+        """Take a place in the bounded queue, or refuse at once: past ``max_pending`` answers a new one would
+        only wait behind them, so the client is told to come back instead (429 with Retry-After)."""
+        if self.pending >= self.settings.max_pending:
+            raise TooManyRequests(f"The assistant is answering {self.pending} requests, as many as it queues; "
+                                  f"retry in {TooManyRequests.retry_after_s} s.")
+        self.pending += 1
+
     async def answer(self, model: str | None, messages: Sequence[dict], params: dict | None = None,
                      passages: int | None = None) -> dict:
         """A whole answer: {text, finish_reason, usage, sources, query, retrieval_ms, abstained}."""
+        self.get(model)
+        self._admit()
+        try:
+            return await self._answer(model, messages, params, passages)
+        except (UpstreamUnavailable, UpstreamError):
+            self._probe = None  # the next /ready asks the engine again instead of repeating an old yes
+            raise
+        finally:
+            self.pending -= 1
+
+    async def _answer(self, model: str | None, messages: Sequence[dict], params: dict | None,
+                      passages: int | None) -> dict:
         assistant, query, hits, ms, prompt = await self._prepare(model, messages, passages)
         if prompt is None:
             return {"text": REFUSAL, "finish_reason": "stop", "usage": Usage(), "sources": to_sources(hits),
@@ -446,7 +485,21 @@ class RagService:
                             passages: int | None = None) -> AsyncIterator[AnswerEvent]:
         """Stream an answer: a 'sources' event as soon as retrieval is done, 'delta' events, then 'done'
         (with the sources again, marked with whether the answer cited them). Where the abstention rule
-        abstains, the one delta is the refusal sentence and the model is not asked."""
+        abstains, the one delta is the refusal sentence and the model is not asked. The answer holds a place in
+        the bounded queue until its last event (or the client goes away)."""
+        self.get(model)
+        self._admit()
+        try:
+            async for event in self._answer_events(model, messages, params, passages):
+                yield event
+        except (UpstreamUnavailable, UpstreamError):
+            self._probe = None
+            raise
+        finally:
+            self.pending -= 1
+
+    async def _answer_events(self, model: str | None, messages: Sequence[dict], params: dict | None,
+                             passages: int | None) -> AsyncIterator[AnswerEvent]:
         assistant, query, hits, ms, prompt = await self._prepare(model, messages, passages)
         ms = round(ms, 2)
         yield AnswerEvent("sources", sources=to_sources(hits), query=query, retrieval_ms=ms)
@@ -477,10 +530,15 @@ class RagService:
                           finish_reason=finish or "stop", usage=usage)
 
     async def ready(self) -> tuple[bool, dict]:
-        """Ready when every bundle's index is loaded and the model server answers."""
+        """Ready when every bundle's index is loaded and the model server generates (a one-token probe, its
+        answer reused for ``ready_cache_s`` so that frequent health checks cost the engine nothing)."""
         indexes = {name: a.retriever.dense is not None and len(a.retriever.chunks) > 0
                    for name, a in self.assistants.items()}
-        upstream_ok, detail = await self.upstream.check()
+        now = time.monotonic()
+        if self._probe is None or now - self._probe[0] > self.settings.ready_cache_s:
+            model = self.assistants[self.default_model].served.upstream_model
+            self._probe = (time.monotonic(), *await self.upstream.check(model))
+        _, upstream_ok, detail = self._probe
         ok = upstream_ok and all(indexes.values())
         return ok, {"ready": ok, "model_server": {"ok": upstream_ok, "detail": detail},
                     "indexes": {n: {"loaded": v, "chunks": len(self.assistants[n].retriever.chunks)}

@@ -72,12 +72,14 @@ def sources_html(sources: list[Source], query: str = "", retrieval_ms: float | N
     return "".join(parts)
 
 
-def sources_message(sources: list[Source]) -> dict:
-    """A collapsible note under the answer in the conversation, listing where its passages come from."""
+def sources_message(sources: list[Source], abstained: bool = False) -> dict:
+    """A collapsible note under the answer in the conversation, listing where its passages come from; where the
+    assistant abstained, the passages it found and judged too weak to answer from."""
     files = list(dict.fromkeys(s.source for s in sources))
     lines = [f"[{s.rank}] {where(s)}{' (cited)' if s.cited else ''}" for s in sources]
+    label = "Closest passages, none of which answers" if abstained else "Sources"
     return {"role": "assistant", "content": "\n".join(f"- {line}" for line in lines) or "no passages",
-            "metadata": {"title": f"Sources: {', '.join(files)}" if files else "Sources: none", "status": "done"}}
+            "metadata": {"title": f"{label}: {', '.join(files)}" if files else f"{label}: none", "status": "done"}}
 
 
 def error_html(message: str) -> str:
@@ -109,7 +111,7 @@ def chat_handler(service: RagService):
                     yield "", chat, history, gr.update(), ""
                 elif ev.kind == "done":
                     chat = chat[:-1] + [{"role": "assistant", "content": ev.text.strip() or "(empty answer)"},
-                                        sources_message(ev.sources)]
+                                        sources_message(ev.sources, ev.abstained)]
                     history = turns + [{"role": "assistant", "content": ev.text}]
                     yield "", chat, history, sources_html(ev.sources, ev.query, ev.retrieval_ms), ""
         except GatewayError as exc:

@@ -119,6 +119,10 @@ class VLLMServer:
     def stopping(self) -> bool:
         return self._stopping
 
+    def stopping_reset(self) -> None:
+        """After a stop the supervisor chose (a hung vLLM), so that the restarted one is watched again."""
+        self._stopping = False
+
 
 def _parent_death_signal():
     """A preexec_fn that makes the child get SIGTERM if the launcher dies without cleaning up (Linux only)."""
@@ -145,13 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", nargs="?", default="bundles")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("ASSISTANT_API_KEY"))
+    p.add_argument("--api-key-file", default=None, help="the key vLLM requires, on the file's first line "
+                                                          "(default: env ASSISTANT_API_KEY)")
     p.add_argument("--log", default=None, help="log file (default logs/vllm-PORT.log)")
     args, extra = p.parse_known_args(argv)
+    from serving.settings import read_api_key
+
+    key = read_api_key(args.api_key_file)
     bundle = Bundle.load(args.bundle)
-    plan = plan_vllm(bundle, host=args.host, port=args.port, api_key=args.api_key, device=get_device(),
-                     extra_args=extra)
-    server = VLLMServer(plan.argv, plan.env, args.log or f"logs/vllm-{args.port}.log", f"http://{args.host}:{args.port}")
+    plan = plan_vllm(bundle, host=args.host, port=args.port, api_key=key, device=get_device(), extra_args=extra)
+    server = VLLMServer(plan.argv, plan.env, args.log or f"logs/vllm-{args.port}.log",
+                        f"http://{args.host}:{args.port}", key)
     print(f"vLLM: {plan.weights} weights ({plan.reason}); log {server.log_path}", flush=True)
     server.start()
     try:

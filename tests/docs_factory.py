@@ -94,3 +94,17 @@ def make_chunk(text: str, source: str = "a.md", chunk_id: str | None = None, **f
     return Chunk(chunk_id=chunk_id or f"{source}:{abs(hash(text)) % 10**8}", source=source,
                  location=fields.pop("location", ""), title=fields.pop("title", ""), text=text,
                  n_tokens=fields.pop("n_tokens", len(text.split())), **fields)
+
+
+def reseal(bundle_dir) -> None:
+    """Rewrite a bundle copy's manifest ``contents`` after a test changed its files on purpose (a bundle as
+    another build would have written it), so the load-time check sees the bundle as whole."""
+    import json
+    from pathlib import Path
+
+    from core.bundle import CONTENTS_KEY, MANIFEST, inventory
+
+    path = Path(bundle_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest[CONTENTS_KEY] = inventory(bundle_dir)
+    path.write_text(json.dumps(manifest, indent=2))

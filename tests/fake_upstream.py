@@ -34,6 +34,7 @@ def make_app(models: list[str], api_key: str | None = None, token_delay_s: float
              answer: Callable[[list[dict]], str] = answer_for) -> FastAPI:
     app = FastAPI()
     app.state.requests = []
+    app.state.stall_s = 0.0  # a test sets it to make every chat hang this long before answering (a hung engine)
 
     def refused(request: Request) -> JSONResponse | None:
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -57,6 +58,8 @@ def make_app(models: list[str], api_key: str | None = None, token_delay_s: float
             return r
         body = await request.json()
         app.state.requests.append(body)
+        if app.state.stall_s:
+            await asyncio.sleep(app.state.stall_s)
         if body.get("model") not in models:
             return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                            "type": "NotFoundError", "param": "model", "code": 404}}, 404)
@@ -139,6 +142,7 @@ if __name__ == "__main__":
     p.add_argument("--model", action="append", default=[])
     p.add_argument("--api-key", default=None)
     p.add_argument("--exit-after", type=float, default=None, help="exit with status 3 after this many seconds")
+    p.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed words")
     a = p.parse_args()
     if a.exit_after is not None:
         def _exit_later():
@@ -149,4 +153,5 @@ if __name__ == "__main__":
             os._exit(3)
 
         threading.Thread(target=_exit_later, daemon=True).start()
-    uvicorn.run(make_app(a.model or ["assistant"], a.api_key), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(make_app(a.model or ["assistant"], a.api_key, token_delay_s=a.token_delay), host=a.host, port=a.port,
+                log_level="warning")

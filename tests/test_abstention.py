@@ -140,3 +140,27 @@ def test_assistant_ask_applies_the_same_rule(tiny_bundle_copy):
     _always_abstain(tiny_bundle_copy)
     out = LocalAssistant.load(tiny_bundle_copy).answer("How much DAP per acre at planting maize?")
     assert out["answer"] == REFUSAL and out["abstained"] is True and out["sources"]
+
+
+def test_the_ui_shows_the_refusal_and_the_passages_it_judged_too_weak(tiny_bundle_copy):
+    import asyncio
+
+    from serving.rag_service import RagService
+    from serving.settings import GatewaySettings, ServedModel
+    from serving.ui import chat_handler
+
+    _always_abstain(tiny_bundle_copy)
+    # Nothing listens upstream: an abstaining answer never needs the model server.
+    settings = GatewaySettings(models=[ServedModel("assistant", tiny_bundle_copy, "assistant-ft", "adapter")],
+                               vllm_base_url="http://127.0.0.1:9/v1", api_key="k", connect_timeout_s=1.0)
+    respond = chat_handler(RagService.from_settings(settings))
+
+    async def last():
+        out = None
+        async for out in respond("How much DAP per acre at planting maize?", [], [], "assistant"):
+            pass
+        return out
+
+    _, chat, _, _, banner = asyncio.run(last())
+    assert chat[-2]["content"] == REFUSAL and banner == ""
+    assert chat[-1]["metadata"]["title"].startswith("Closest passages, none of which answers")

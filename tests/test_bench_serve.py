@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from tests.docs_factory import reseal
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,5 +25,6 @@ def test_questions_for_a_bundle_without_questions_or_headings_come_from_its_docu
     chunks_file = tiny_bundle_copy / "index" / "chunks.jsonl"
     rows = [dict(json.loads(line), location="") for line in chunks_file.open()]
     chunks_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reseal(tiny_bundle_copy)
     qs = _bench_serve().questions_for(Bundle.load(tiny_bundle_copy), 7)
     assert len(qs) == 7 and all(q.startswith("What does ") for q in qs)

@@ -56,7 +56,10 @@ def test_base_only_bundle_serves_the_base_under_the_bundle_name(tmp_path):
     assert plan.weights == "base" and plan.served_name == "agro"
     assert arg(plan.argv, "--model") == str(tmp_path / "llm" / "base")
     assert arg(plan.argv, "--served-model-name") == "agro"
-    assert arg(plan.argv, "--api-key") == "k" and arg(plan.argv, "--port") == "8123"
+    # The key travels in the environment, never on the command line (which `ps` shows to every local user).
+    assert "--api-key" not in plan.argv and "k" not in plan.argv and plan.env["VLLM_API_KEY"] == "k"
+    assert arg(plan.argv, "--middleware") == "core.vllm_guard.RequireKey"  # every route, not vLLM's prefixes
+    assert arg(plan.argv, "--port") == "8123"
     assert arg(plan.argv, "--max-model-len") == "1024"
     assert "--enable-lora" not in plan.argv
 
@@ -70,7 +73,7 @@ def test_adapter_is_served_under_the_bundle_name_next_to_the_base(tmp_path):
     assert arg(plan.argv, "--lora-modules") == f"agro={tmp_path / 'llm' / 'adapter'}"
     assert arg(plan.argv, "--max-lora-rank") == "16"  # rank 12 rounded up to a value vLLM accepts
     assert plan.model_names == ["agro", "agro-base"]
-    assert "--api-key" not in plan.argv
+    assert "--api-key" not in plan.argv and "VLLM_API_KEY" not in plan.env
 
 
 @pytest.mark.parametrize("device,use_merged,expected", [
@@ -202,3 +205,35 @@ def _group_gone(pgid: int, wait_s: float = 10.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_the_vllm_guard_needs_the_key_on_every_route_but_health(monkeypatch):
+    import asyncio
+
+    from core.vllm_guard import RequireKey
+
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = RequireKey(app)
+
+    def status(path: str, auth: str | None = None) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"authorization", auth.encode())] if auth else []
+        asyncio.run(guard({"type": "http", "path": path, "method": "POST", "headers": headers}, None, send))
+        return sent[0]["status"]
+
+    for path in ("/invocations", "/tokenize", "/metrics", "/docs", "/v1/chat/completions"):
+        assert status(path) == 401 and status(path, "Bearer wrong") == 401
+        assert status(path, "Bearer k") == 200
+    assert status("/health") == 200
+    assert reached == ["/invocations", "/tokenize", "/metrics", "/docs", "/v1/chat/completions", "/health"]

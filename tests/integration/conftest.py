@@ -93,9 +93,11 @@ def served(adapter_bundle, output_dir) -> Served:
     out_path, vllm_log = output_dir / "serve-launcher.log", output_dir / "serve-vllm.log"
     for p in (out_path, vllm_log):
         p.unlink(missing_ok=True)
+    key_file = output_dir / "serve-api-key"
+    key_file.write_text(API_KEY + "\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "assistant", "serve", str(adapter_bundle), "--port", str(port),
-           "--vllm-port", str(vllm_port), "--api-key", API_KEY, "--vllm-log", str(vllm_log)]
+           "--vllm-port", str(vllm_port), "--api-key-file", str(key_file), "--vllm-log", str(vllm_log)]
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)

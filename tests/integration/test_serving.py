@@ -96,6 +96,35 @@ def test_requests_without_the_key_get_401(served, server):
         assert info.value.body["code"] == "invalid_api_key" and "message" in info.value.body
 
 
+@pytest.mark.parametrize("method,path", [("POST", "/invocations"), ("POST", "/tokenize"), ("GET", "/metrics"),
+                                         ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/v1/models")])
+def test_no_vllm_route_answers_without_the_key(served, method, path):
+    import httpx
+
+    body = {"model": "assistant", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
+    r = httpx.request(method, served.vllm + path, json=body if method == "POST" else None, timeout=30)
+    assert r.status_code == 401, (path, r.status_code, r.text[:200])
+    ok = httpx.request(method, served.vllm + path, json=body if method == "POST" else None, timeout=60,
+                       headers={"Authorization": f"Bearer {served.api_key}"})
+    assert ok.status_code != 401
+    assert httpx.get(served.vllm + "/health", timeout=30).status_code == 200  # the supervisor's check stays open
+
+
+def test_the_key_is_on_no_command_line(served):
+    from pathlib import Path
+
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    ours = [c for c in lines if "vllm.entrypoints" in c or "assistant serve" in c or "-m assistant" in c]
+    assert any("vllm.entrypoints" in c for c in ours) and ours
+    assert not any(served.api_key in c for c in ours)  # `ps` shows every user these
+
+
 def test_unknown_model_gets_a_404_in_openai_error_format(gateway):
     with pytest.raises(openai.NotFoundError) as info:
         gateway.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": QUESTION}])
