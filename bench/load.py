@@ -3,9 +3,13 @@
 Starts `assistant serve BUNDLE` on 127.0.0.1 (real vLLM, a random key in the environment), or uses a running
 gateway (--url, key from env ASSISTANT_API_KEY), and measures with the official async OpenAI client:
 
-1. ``--concurrent`` streaming chats at once (default 64): errors, time to first token, tokens/s;
-2. a burst of ``--burst-factor`` times the gateway's queue (``--max-pending``, default 16 here) at once: every
-   request must either answer or get a 429 quickly; none may wait past ``--timeout``.
+1. ``--concurrent`` streaming chats at once (default 64) on a gateway with `assistant serve`'s queue (128):
+   errors, time to first token, tokens/s;
+2. a burst of ``--burst-factor`` times a gateway's queue at once, on a gateway started again with a queue of
+   ``--burst-queue`` (default 16): every request must either answer or get a 429 within a second; none may wait
+   past ``--timeout``. The load generator runs on the same cores as the gateway and vLLM, and opening a thousand
+   connections at once costs Python seconds on two cores whatever the server does, so the burst is sized to the
+   machine rather than to the default queue; ``--burst-queue 128`` measures that too.
 
     .venv/bin/python bench/load.py --bundle /tmp/bundles/latest --out bench/results/load.json
 """
@@ -29,6 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 QUESTION = "How much DAP fertilizer should I apply per acre when planting maize?"
 MAX_REQUESTS = 5000  # whatever the options say, one run sends no more than this
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -125,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", default=None, help="serve this bundle for the run (loopback, real vLLM)")
     ap.add_argument("--url", default=None, help="or measure a gateway already running on this machine")
     ap.add_argument("--concurrent", type=int, default=64, help="streaming chats at once in phase 1 (default 64)")
-    ap.add_argument("--max-pending", type=int, default=16, help="the gateway's queue when this script starts it")
+    ap.add_argument("--max-pending", type=int, default=128, help="the queue of the gateway phase 1 runs on")
+    ap.add_argument("--burst-queue", type=int, default=16, help="the queue of the gateway the burst runs on")
     ap.add_argument("--burst-factor", type=int, default=10, help="phase 2 sends this many times the queue")
     ap.add_argument("--timeout", type=float, default=120.0, help="a request waiting longer counts as failed")
     ap.add_argument("--out", default=None, help="results JSON")
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give exactly one of --bundle or --url")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         ap.error("--url must be a loopback address: this script loads only this machine")
-    burst = args.max_pending * args.burst_factor
+    queue = args.burst_queue if args.bundle else args.max_pending
+    burst = queue * args.burst_factor
     if args.concurrent + burst > MAX_REQUESTS:
         ap.error(f"at most {MAX_REQUESTS} requests a run")
 
@@ -151,18 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         startup = time.perf_counter() - t0
         concurrent = asyncio.run(phase(url, key, args.concurrent, True, args.timeout))
         print(json.dumps({"concurrent": concurrent}), flush=True)
+        if args.bundle and args.burst_queue != args.max_pending:
+            stop(proc)
+            proc, url = start_gateway(args.bundle, key, args.burst_queue, log)
         burst_result = asyncio.run(phase(url, key, burst, False, args.timeout))
         print(json.dumps({"burst": burst_result}), flush=True)
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=False).stdout.strip()
-    result = {"concurrent": concurrent, "burst": {**burst_result, "queue": args.max_pending},
+    result = {"concurrent": {**concurrent, "queue": args.max_pending}, "burst": {**burst_result, "queue": queue},
               "run": {"bundle": args.bundle or args.url, "commit": commit, "startup_s": round(startup, 1),
                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "timeout_s": args.timeout}}
     if args.out:

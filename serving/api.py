@@ -132,6 +132,29 @@ async def unless_gone(request: Request, work, poll_s: float = 0.25):
             task.cancel()
 
 
+class QueueGate:
+    """ASGI middleware: while the gateway's queue is full, a chat request from a client with the key gets its 429
+    before its body is read or parsed, so refusing costs next to nothing when it matters most (under a burst,
+    next to a vLLM that keeps the cores busy). The route's own admission (RagService._admit) still decides."""
+
+    def __init__(self, app, service: RagService, settings: GatewaySettings):
+        self.app, self.service, self.settings = app, service, settings
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope.get("method") == "POST" and scope["path"] == "/v1/chat/completions"
+                and (full := self.service.queue_full()) is not None and self._keyed(scope)):
+            return await error_response(full)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _keyed(self, scope) -> bool:
+        if not self.settings.api_key:
+            return True
+        value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
+                                                                    self.settings.api_key.encode())
+
+
 def check_limits(req: ChatCompletionRequest, settings: GatewaySettings) -> None:
     """Refuse a request past the gateway's limits before any retrieval or generation (400, naming the field)."""
     if len(req.messages) > settings.max_messages:
@@ -295,6 +318,7 @@ def create_app(settings: GatewaySettings, service: RagService | None = None) -> 
     app.state.service = service
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(QueueGate, service=service, settings=settings)
 
     @app.exception_handler(GatewayError)
     async def on_gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:

@@ -446,12 +446,18 @@ class RagService:
         prompt = build_messages(question, given, history)
         return assistant, query, hits, ms, prompt
 
+    def queue_full(self) -> TooManyRequests | None:
+        """The refusal a new answer gets now, or None while the bounded queue has room."""
+        if self.pending < self.settings.max_pending:
+            return None
+        return TooManyRequests(f"The assistant is answering {self.pending} requests, as many as it queues; "
+                               f"retry in {TooManyRequests.retry_after_s} s.")
+
     def _admit(self) -> None:
         """Take a place in the bounded queue, or refuse at once: past ``max_pending`` answers a new one would
         only wait behind them, so the client is told to come back instead (429 with Retry-After)."""
-        if self.pending >= self.settings.max_pending:
-            raise TooManyRequests(f"The assistant is answering {self.pending} requests, as many as it queues; "
-                                  f"retry in {TooManyRequests.retry_after_s} s.")
+        if (full := self.queue_full()) is not None:
+            raise full
         self.pending += 1
 
     async def answer(self, model: str | None, messages: Sequence[dict], params: dict | None = None,
