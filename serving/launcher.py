@@ -183,10 +183,11 @@ def supervise(server, uv, state: dict, max_restarts: int, ready_timeout: float) 
             if time.monotonic() - silent_since < HUNG_AFTER_S:
                 continue
             why = f"vLLM has not answered /health for {HUNG_AFTER_S:.0f} s (hung)"
-            server.stop(timeout=5.0)
-            server.stopping_reset()
         else:
             why = server.died_message()
+        # Whatever is left of it (a hung server, or the engine processes of a dead one) goes with its group.
+        server.stop(timeout=5.0)
+        server.stopping_reset()
         silent_since = None
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]

@@ -77,7 +77,7 @@ class Served:
         return f"{self.vllm}/v1"
 
 
-def _get_status(url: str) -> int | None:
+def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             return r.status
@@ -105,7 +105,7 @@ def served(adapter_bundle, output_dir) -> Served:
                out_path, vllm_log)
     deadline = time.monotonic() + 900
     try:
-        while _get_status(f"{s.gateway}/ready") != 200:
+        while http_status(f"{s.gateway}/ready") != 200:
             if proc.poll() is not None:
                 pytest.fail(f"`assistant serve` exited with {proc.returncode}:\n{out_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:

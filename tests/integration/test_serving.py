@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 
 import openai
 import pytest
@@ -21,6 +22,7 @@ from core.retrieval import load_chunks
 from serving.api import create_app
 from serving.settings import GatewaySettings, ServedModel
 from tests.fake_upstream import ThreadedServer, free_port
+from tests.integration.conftest import http_status
 
 pytestmark = pytest.mark.integration
 
@@ -223,6 +225,50 @@ def _port_open(url: str) -> bool:
     with socket.socket() as s:
         s.settimeout(2)
         return s.connect_ex((host, int(port))) == 0
+
+
+def _vllm_api_pid(port: str) -> int:
+    """The pid of the real vLLM's API server process (`python -m vllm.entrypoints.openai.api_server ... --port P`)."""
+    from pathlib import Path
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmd and port.encode() in cmd:
+                return int(entry.name)
+    raise AssertionError(f"no vLLM API server on port {port}")
+
+
+def test_a_killed_vllm_gives_a_clean_error_is_restarted_and_answers_again(served, gateway):
+    """Second to last: the session's vLLM is killed here and must come back for the last test."""
+    stream = iter(gateway.chat.completions.create(model="assistant", stream=True, max_tokens=64,
+                                                  messages=[{"role": "user", "content": QUESTION}]))
+    next(stream)
+    os.kill(_vllm_api_pid(served.vllm.rsplit(":", 1)[1]), signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        for _ in stream:
+            pass
+    except openai.APIError as exc:  # a clean error in OpenAI's shape, not a hang or a cut connection
+        assert "model server" in str(exc)
+    not_ready = None
+    while time.monotonic() - killed < 5:
+        if http_status(f"{served.gateway}/ready") == 503:
+            not_ready = time.monotonic() - killed
+            break
+        time.sleep(0.2)
+    assert not_ready is not None, "/ready still said ready 5 s after vLLM was killed"
+    deadline = time.monotonic() + 600
+    while http_status(f"{served.gateway}/ready") != 200:  # restarted by the launcher, no manual step
+        assert served.proc.poll() is None, served.output.read_text()[-2000:]
+        assert time.monotonic() < deadline, served.output.read_text()[-2000:]
+        time.sleep(2)
+    again = gateway.chat.completions.create(model="assistant", messages=[{"role": "user", "content": QUESTION}])
+    assert again.choices[0].message.content.strip()
+    assert "restarting vLLM" in served.output.read_text()
 
 
 def test_sigterm_stops_vllm_and_the_gateway(served):
