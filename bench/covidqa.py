@@ -10,6 +10,7 @@ bench/results/covidqa.json (full runs) or bench/work/ (runs on a subset of artic
     .venv/bin/python bench/covidqa.py                                # the full benchmark
     .venv/bin/python bench/covidqa.py --no-llm                       # skip LLM fine-tuning (llm.finetune=false)
     .venv/bin/python bench/covidqa.py --articles 10 --no-llm --no-answers   # a quick development run
+    .venv/bin/python bench/covidqa.py --no-questions                 # a plain folder: no question reaches the build
 
 The data folder defaults to ../shared/data/covid_qa relative to the repository root (override with --data or
 COVID_QA_DIR).
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override passed to the build (repeatable)")
     ap.add_argument("--no-llm", action="store_true", help="skip LLM fine-tuning (--set llm.finetune=false)")
     ap.add_argument("--no-answers", action="store_true", help="score retrieval only, no answer generation")
+    ap.add_argument("--no-questions", action="store_true",
+                    help="build from the articles alone, as a team with documents and no questions would; the "
+                         "same test split is scored (results: covidqa-plain.json)")
     ap.add_argument("--limit", type=int, default=None, help="score answers on at most this many questions")
     ap.add_argument("--bundle", default=None, help="evaluate this existing bundle instead of building one")
     ap.add_argument("--out", default=None, help="results JSON (default: bench/results/covidqa.json for full "
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle_path = Path(args.bundle)
     else:
         cfg = load_config(args.profile, None, overrides)
-        bundle_path = build(cfg, data["knowledge"], work / "bundles", questions_file=data["train"])
+        bundle_path = build(cfg, data["knowledge"], work / "bundles",
+                            questions_file=None if args.no_questions else data["train"])
     build_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    "index_s": timing.get("index_s"), "eval_s": round(eval_s, 1)},
         "chunks": {"count": manifest["data"]["chunks"], "max_tokens": manifest["data"]["max_chunk_tokens"],
                    "config_max_tokens": manifest["config"]["chunk"]["max_tokens"]},
-        "questions": {"articles": data["articles"], "train": data["train_questions"],
+        "questions": {"articles": data["articles"], "train": 0 if args.no_questions else data["train_questions"],
                       "heldout": data["heldout_questions"], "left_out_articles": data["left_out_articles"],
                       "left_out_questions": data["left_out_questions"],
                       "relevance": relevance_kinds(bundle_path, read_questions(data["heldout"]))},
@@ -183,11 +188,13 @@ def main(argv: list[str] | None = None) -> int:
                       "reported": f"test split of bench/covidqa.py ({data['heldout_questions']} questions)"},
         "run": {"command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
                 "commit": commit(), "profile": args.profile, "overrides": overrides, "bundle": str(bundle_path),
+                "questions_passed_to_the_build": not args.no_questions,
                 "machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "wall_s": round(time.perf_counter() - t0, 1)},
     }
-    out = Path(args.out) if args.out else (REPO / "bench" / "results" / "covidqa.json" if not args.articles
-                                            else work / f"covidqa-{args.articles}-articles.json")
+    name = "covidqa-plain" if args.no_questions else "covidqa"
+    out = Path(args.out) if args.out else (REPO / "bench" / "results" / f"{name}.json" if not args.articles
+                                            else work / f"{name}-{args.articles}-articles.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
