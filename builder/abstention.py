@@ -72,19 +72,25 @@ def left_out_chunks(matcher: GoldMatcher, chunks, question: dict) -> set[int]:
     return {i for i, c in enumerate(chunks) if c.source in sources}
 
 
+def left_out(retriever: Retriever, questions: Sequence[dict]) -> list[tuple[dict, set[int]]]:
+    """(question, the chunk positions its search leaves out) for each question that leaves something to search:
+    the documents that answer it go, the rest of the knowledge base stays."""
+    matcher = GoldMatcher(retriever.chunks)
+    pairs = [(q, left_out_chunks(matcher, retriever.chunks, q)) for q in questions]
+    return [(q, e) for q, e in pairs if len(e) < len(retriever.chunks)]
+
+
 def support_cases(retriever: Retriever, questions: Sequence[dict], off: Sequence[str]
                   ) -> tuple[list[dict], list[dict]]:
     """(features of each answerable question, features of each unanswerable case: the same questions with their
     documents left out, then ``off``)."""
     feats = SupportFeatures(retriever)
-    matcher = GoldMatcher(retriever.chunks)
     texts = [q["question"] for q in questions]
     k = retriever.candidates
     answerable = [feats(t, lk) for t, lk in zip(texts, retriever.lookup(texts, k))]
-    exclude = [left_out_chunks(matcher, retriever.chunks, q) for q in questions]
-    keep = [i for i, e in enumerate(exclude) if len(e) < len(retriever.chunks)]  # something must be left
-    left = retriever.lookup([texts[i] for i in keep], k, exclude=[exclude[i] for i in keep])
-    unanswerable = [feats(texts[i], lk) for i, lk in zip(keep, left)]
+    kept = left_out(retriever, questions)
+    found = retriever.lookup([q["question"] for q, _ in kept], k, exclude=[e for _, e in kept])
+    unanswerable = [feats(q["question"], lk) for (q, _), lk in zip(kept, found)]
     unanswerable += [feats(q, lk) for q, lk in zip(off, retriever.lookup(list(off), k))]
     return answerable, unanswerable
 

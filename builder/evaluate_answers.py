@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
-from builder.abstention import left_out_chunks, off_topic
+from builder.abstention import left_out, off_topic
 from builder.stats import bootstrap_ci, paired_bootstrap
 from core.abstention import Abstainer, AbstentionRule
 from core.bundle import ANSWERS_FILE, Bundle, Chunk
@@ -150,9 +150,7 @@ def unanswerable_cases(retriever, questions: Sequence[dict], top_k: int, not_ind
     module docstring."""
     n = min(UNANSWERABLE_MAX, max(1, int(len(questions) * UNANSWERABLE_SHARE))) if questions else 0
     picked = sorted(questions, key=lambda q: stable_fraction(q["question"], 11))[:n]
-    matcher = GoldMatcher(retriever.chunks)
-    exclude = [left_out_chunks(matcher, retriever.chunks, q) for q in picked]
-    keep = [(q, e) for q, e in zip(picked, exclude) if len(e) < len(retriever.chunks)]
+    keep = left_out(retriever, picked)
     groups = [("document_left_out", [q["question"] for q, _ in keep], [e for _, e in keep]),
               ("off_topic", off_topic("test"), None), ("not_indexed", list(not_indexed), None)]
     cases: list[tuple[str, list[dict], str, Lookup]] = []
@@ -225,8 +223,7 @@ def score(answers: Sequence[str], questions: Sequence[dict], contexts: Sequence[
         # an answer that has none.
         out["citation_chunk_model"] = sum(cites_gold(a, c, q, g) for a, c, q, g in
                                           zip(answers, contexts, questions, gold)) / n
-        refused_by_rule = abstained if abstained is not None else [False] * len(answers)
-        shown = [REFUSAL if r else ground_citations(a, c) for a, c, r in zip(answers, contexts, refused_by_rule)]
+        shown = served([ground_citations(a, c) for a, c in zip(answers, contexts)], abstained)
         out["citation_served"] = sum(cites_gold(a, c, q, g) for a, c, q, g in
                                      zip(shown, contexts, questions, gold)) / n
         out["false_refusal"] = sum(is_refusal(a) for a in given) / n
@@ -302,8 +299,8 @@ def evaluate_answers(retriever, questions: Sequence[dict], top_k: int, base: str
     unans = unanswerable_cases(retriever, questions, top_k, not_indexed)
     abstainer = Abstainer(retriever, abstention)
     rule = {"answerable": abstainer.decide_all([q["question"] for q in questions], lookups),
-            "unanswerable": abstainer.decide_all([u[0] for u in unans], [u[3] for u in unans]),
-            "kinds": [u[2] for u in unans]} if abstention is not None else None
+            "unanswerable": abstainer.decide_all([u[0] for u in unans], [u[3] for u in unans])
+            } if abstention is not None else None
 
     def given(question: str, passages: list[dict]) -> list[dict]:
         return focus.apply(question, passages) if focus is not None else passages

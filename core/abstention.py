@@ -21,39 +21,29 @@ microseconds, and are on absolute scales, unlike the fused z-scores, which rank 
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from core.retrieval import Lookup, Retriever, bm25_tokenize
+from core.retrieval import Lookup, Retriever
 
 FEATURES = ("dense_top", "bm25_top", "coverage_top")
 
 
 class SupportFeatures:
-    """The three numbers the rule reads, for any retrieval over one retriever's chunks. Builds a document
-    frequency table of the chunks' stemmed words once (about a second for 3,000 chunks)."""
+    """The three numbers the rule reads, for any retrieval over one retriever's chunks, weighing words by the
+    retriever's term statistics (core.retrieval.TermStats, shared with passage focus)."""
 
     def __init__(self, retriever: Retriever):
-        self._stemmer = retriever.bm25.analyzer.get("stemmer") if retriever.bm25 is not None else None
-        self._terms = [set(t) for t in bm25_tokenize([c.text for c in retriever.chunks], self._stemmer)]
-        self._df = Counter(w for t in self._terms for w in t)
-        self._n = len(self._terms)
-
-    def idf(self, word: str) -> float:
-        """BM25's IDF (Robertson-Sparck Jones, floored at 0 by the 1 +): highest for a word no chunk holds."""
-        df = self._df.get(word, 0)
-        return math.log(1 + (self._n - df + 0.5) / (df + 0.5))
+        self.stats = retriever.term_stats
 
     def __call__(self, query: str, lookup: Lookup) -> dict[str, float]:
-        words = set(bm25_tokenize([query], self._stemmer)[0])
-        mass = sum(self.idf(w) for w in words)
+        words = self.stats.terms(query)
+        mass = sum(self.stats.idf(w) for w in words)
         if not words or mass <= 0:
             return {"dense_top": float(lookup.dense_top), "bm25_top": 0.0, "coverage_top": 0.0}
-        first = self._terms[lookup.ranked[0][0]] if lookup.ranked else set()
+        first = self.stats.chunk_terms[lookup.ranked[0][0]] if lookup.ranked else set()
         return {"dense_top": float(lookup.dense_top), "bm25_top": float(lookup.bm25_top) / mass,
-                "coverage_top": sum(self.idf(w) for w in words if w in first) / mass}
+                "coverage_top": sum(self.stats.idf(w) for w in words if w in first) / mass}
 
 
 @dataclass(frozen=True)

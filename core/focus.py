@@ -13,11 +13,9 @@ Only the prompt is cut: sources shown to the user, citation grounding and scorin
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 
-from core.retrieval import bm25_tokenize
+from core.retrieval import TermStats, bm25_tokenize
 from core.text import split_sentences
 
 GAP = "…"
@@ -31,31 +29,26 @@ class PassageFocus:
     the BM25 analyzer's stemmer, so a sentence sharing "nitrogen" with the question outranks one sharing
     "maize" in a maize handbook."""
 
-    def __init__(self, doc_freq: Counter, n_docs: int, count_tokens: TokenCount, first_tokens: int = 0,
-                 other_tokens: int = 0, stemmer: str | None = None):
+    def __init__(self, stats: TermStats, count_tokens: TokenCount, first_tokens: int = 0, other_tokens: int = 0):
         if first_tokens < 0 or other_tokens < 0:
             raise ValueError("passage token budgets must be 0 (whole) or positive")
-        self.doc_freq, self.n_docs = doc_freq, max(n_docs, 1)
+        self.stats = stats
         self.count = count_tokens
         self.first_tokens, self.other_tokens = int(first_tokens), int(other_tokens)
-        self.stemmer = stemmer
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], count_tokens: TokenCount, first_tokens: int = 0,
                    other_tokens: int = 0, stemmer: str | None = None) -> PassageFocus:
-        df: Counter = Counter()
-        if first_tokens or other_tokens:  # no statistics needed when nothing is cut
-            for tokens in bm25_tokenize(texts, stemmer):
-                df.update(set(tokens))
-        return cls(df, len(texts), count_tokens, first_tokens, other_tokens, stemmer)
+        # No statistics are needed when nothing is cut.
+        stats = TermStats(texts if first_tokens or other_tokens else [], stemmer)
+        return cls(stats, count_tokens, first_tokens, other_tokens)
 
     @property
     def enabled(self) -> bool:
         return bool(self.first_tokens or self.other_tokens)
 
     def idf(self, term: str) -> float:
-        df = self.doc_freq.get(term, 0)
-        return math.log(1 + (self.n_docs - df + 0.5) / (df + 0.5))
+        return self.stats.idf(term)
 
     def budget(self, rank: int) -> int:
         """The token budget of the passage at 0-based ``rank``."""
@@ -73,9 +66,9 @@ class PassageFocus:
         sentences = split_sentences(body.replace("\n", " "))
         if not sentences:
             return text
-        terms = set(bm25_tokenize([query], self.stemmer)[0])
+        terms = self.stats.terms(query)
         weights = [sum(self.idf(t) for t in terms & set(toks))
-                   for toks in bm25_tokenize(sentences, self.stemmer)]
+                   for toks in bm25_tokenize(sentences, self.stats.stemmer)]
         left = budget - (self.count(head) if head else 0)
         keep: list[int] = []
         for i in sorted(range(len(sentences)), key=lambda i: (-weights[i], i)):
@@ -129,11 +122,11 @@ def token_counter(tokenizer_dir: str) -> TokenCount:
 
 
 def focus_for(retriever, tokenizer_dir: str, first_tokens: int, other_tokens: int) -> PassageFocus:
-    """The focus for one bundle's retriever: its chunks' statistics, its BM25 stemmer, the LLM's tokens."""
-    stemmer = retriever.bm25.analyzer.get("stemmer") if retriever.bm25 is not None else "english"
-    count = token_counter(tokenizer_dir) if (first_tokens or other_tokens) else (lambda text: 0)
-    return PassageFocus.from_texts([c.text for c in retriever.chunks], count, first_tokens, other_tokens,
-                                   stemmer=stemmer)
+    """The focus for one bundle's retriever: its chunks' statistics (shared with the abstention rule), its BM25
+    stemmer, the LLM's tokens."""
+    if not (first_tokens or other_tokens):
+        return PassageFocus(TermStats([], retriever.stemmer), lambda text: 0)
+    return PassageFocus(retriever.term_stats, token_counter(tokenizer_dir), first_tokens, other_tokens)
 
 
 def bundle_focus(bundle, retriever) -> PassageFocus:

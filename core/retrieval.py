@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import json
+import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +64,25 @@ def bm25_tokenize(texts: Sequence[str], stemmer: str | None = None, bigrams: boo
 
 
 _STEMMERS: dict[str, object] = {}
+
+
+class TermStats:
+    """Each chunk's stemmed words (no bigrams) and how many chunks hold each word: the IDF that passage focus
+    (core/focus.py) and the abstention rule (core/abstention.py) weigh a question's words by."""
+
+    def __init__(self, texts: Sequence[str], stemmer: str | None):
+        self.stemmer = stemmer
+        self.chunk_terms = [set(t) for t in bm25_tokenize(texts, stemmer)]
+        self.doc_freq = Counter(w for t in self.chunk_terms for w in t)
+        self.n_docs = max(len(self.chunk_terms), 1)
+
+    def terms(self, text: str) -> set[str]:
+        return set(bm25_tokenize([text], self.stemmer)[0])
+
+    def idf(self, term: str) -> float:
+        """BM25's IDF (Robertson-Sparck Jones, kept positive by the 1 +): highest for a word no chunk holds."""
+        df = self.doc_freq.get(term, 0)
+        return math.log(1 + (self.n_docs - df + 0.5) / (df + 0.5))
 
 
 def _stemmer(name: str):
@@ -416,6 +438,15 @@ class Retriever:
             ranked = [within_gap(r, self.passage_gap) for r in ranked]
         return [Lookup(r, d[0][1] if d else 0.0, b[0][1] if b else 0.0) for r, d, b in zip(ranked, dense, bm)]
 
+    @functools.cached_property
+    def term_stats(self) -> TermStats:
+        """The chunks' word statistics, with the BM25 analyzer's stemmer; computed once, on first use."""
+        return TermStats([c.text for c in self.chunks], self.stemmer)
+
+    @property
+    def stemmer(self) -> str | None:
+        return self.bm25.analyzer.get("stemmer") if self.bm25 is not None else "english"
+
     @property
     def gap_applies(self) -> bool:
         """The passage gap needs scores on one scale for every query: z-score fusion's standardized ones."""
@@ -425,8 +456,7 @@ class Retriever:
         """What the LLM is given for each query: the best k, less those whose fused score trails the first by
         more than passage_gap (z-score fusion only; otherwise all k). A clear winner then travels alone and a
         close call keeps its runners-up, so prompts are shorter where the extra passages would be noise."""
-        ranked = self.rank(queries, k)
-        return [within_gap(r, self.passage_gap) for r in ranked] if self.gap_applies else ranked
+        return [found.ranked for found in self.lookup(queries, k)]
 
     def search(self, query: str, k: int = 4, mode: str | None = None, trim: bool = False) -> list[RetrievalResult]:
         """The best k chunks for one query; trim=True gives the LLM's passages instead (see passages())."""

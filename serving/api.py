@@ -147,12 +147,8 @@ class QueueGate:
         return await self.app(scope, receive, send)
 
     def _keyed(self, scope) -> bool:
-        if not self.settings.api_key:
-            return True
-        value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = value.partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
-                                                                    self.settings.api_key.encode())
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        return has_key(header, self.settings.api_key)
 
 
 def check_limits(req: ChatCompletionRequest, settings: GatewaySettings) -> None:
@@ -178,16 +174,19 @@ def error_response(exc: GatewayError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
+def has_key(authorization: str, key: str | None) -> bool:
+    """Whether an Authorization header value is `Bearer <key>` (always, for a gateway without a key)."""
+    if not key:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
 def require_key(settings: GatewaySettings):
     """A dependency that checks `Authorization: Bearer <key>` when the gateway has a key."""
 
     async def check(request: Request) -> None:
-        if not settings.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                   settings.api_key.encode()):
+        if not has_key(request.headers.get("authorization", ""), settings.api_key):
             raise Unauthorized("Missing or invalid API key. Send it as `Authorization: Bearer <key>` "
                                "(the key `assistant serve` was given: env ASSISTANT_API_KEY or --api-key-file).")
 

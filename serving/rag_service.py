@@ -411,17 +411,18 @@ class RagService:
     async def retrieve(self, model: str | None, query: str, k: int | None = None
                        ) -> tuple[list[RetrievalResult], float]:
         """(passages, milliseconds spent embedding, searching and fusing)."""
-        hits, ms, _ = await self._retrieve(self.get(model), query, k)
+        hits, ms, _ = await self._retrieve(self.get(model), query, k, decide=False)
         return hits, ms
 
-    async def _retrieve(self, assistant: Assistant, query: str, k: int | None
+    async def _retrieve(self, assistant: Assistant, query: str, k: int | None, decide: bool = True
                         ) -> tuple[list[RetrievalResult], float, bool]:
-        """(passages, milliseconds, whether the bundle's abstention rule says the passages cannot answer)."""
+        """(passages, milliseconds, whether the bundle's abstention rule says the passages cannot answer: asked
+        only with ``decide``, for an answer)."""
         def run():
             start = time.perf_counter()
             # A pinned count is served as asked; the bundle's default is top_k less the passages far behind.
             found = assistant.retriever.lookup([query], k or assistant.bundle.top_k, trim=not k)[0]
-            abstain = assistant.abstainer is not None and assistant.abstainer.decide(query, found)
+            abstain = decide and assistant.abstainer is not None and assistant.abstainer.decide(query, found)
             return assistant.retriever.results(found.ranked), (time.perf_counter() - start) * 1000, abstain
 
         return await asyncio.get_running_loop().run_in_executor(self._retrieval_pool, run)

@@ -92,7 +92,7 @@ class GatewaySettings:
             # What `python -m serving.vllm_server` would serve for this bundle on this machine.
             weights, _ = choose_weights(bundle, get_device())
             models.append(ServedModel(name, bundle.path, upstream, weights))
-        key = os.environ.get("ASSISTANT_API_KEY") or None
+        key = read_api_key()
         return cls(models=models, vllm_base_url=os.environ.get("ASSISTANT_VLLM_URL", cls.vllm_base_url),
                    vllm_api_key=os.environ.get("ASSISTANT_VLLM_API_KEY") or key, api_key=key,
                    ground_citations=os.environ.get("ASSISTANT_GROUND_CITATIONS", "1").lower() not in ("0", "false", "no"))

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from tests.fake_upstream import free_port
+from tests.processes import pid_of
 
 pytestmark = pytest.mark.integration
 
@@ -133,18 +134,10 @@ def test_vllm_listens_on_loopback_even_when_the_gateway_serves_every_address(tin
 
 
 def _pid_serving(port: int) -> int:
-    """The stand-in vLLM's process id, found by its command line."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            # The stand-in itself (`python fake_upstream.py --port PORT ...`), not the launcher whose own
-            # command line names the script and the port too.
-            if len(cmd) > 3 and cmd[1].endswith(b"fake_upstream.py") and cmd[2:4] == [b"--port", str(port).encode()]:
-                return int(entry.name)
-    raise AssertionError(f"no stand-in vLLM on port {port}")
+    """The stand-in vLLM itself (`python fake_upstream.py --port PORT ...`), not the launcher whose own command
+    line names the script and the port too."""
+    return pid_of(lambda argv: len(argv) > 3 and argv[1].endswith(b"fake_upstream.py")
+                  and argv[2:4] == [b"--port", str(port).encode()], f"stand-in vLLM on port {port}")
 
 
 def _ready(port: int) -> bool:
