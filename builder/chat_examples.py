@@ -10,7 +10,8 @@ target is the refusal sentence, so the model learns to decline instead of guessi
 
 Where the answers come from, in order of preference:
 - ``question``: the supervision the folder brings (its FAQ train split and ``--questions``), answer as given;
-- ``teacher``: a question/answer pair per chunk written by a teacher model (``datagen.teacher_url``);
+- ``generated``: a question per chunk written by a language model from one of its sentences, which is the
+  answer (``builder.generated_questions``: the teacher, or the base LLM);
 - ``synthetic``: made without any model: a section heading asks about its section and the answer is a
   sentence of the chunk, quoted verbatim (short extractive targets are what a small model can learn).
 
@@ -27,7 +28,6 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from builder.teacher import Ask, openai_teacher
 from core.bundle import Chunk
 from core.gold import GoldMatcher, is_own_qa_chunk
 from core.hashing import stable_fraction
@@ -75,31 +75,10 @@ def synthetic_questions(chunks: Sequence[Chunk], per_chunk: int, limit: int, see
     return out
 
 
-def teacher_qa_pairs(chunks: Sequence[Chunk], ask: Ask, per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
-    """Question/answer pairs written by the teacher (builder.teacher), one call per chunk.
-
-    The teacher must answer with a sentence quoted from the chunk; a reply that is not JSON, or whose answer is
-    not in the chunk, is dropped (a teacher that paraphrases would teach the student to invent wording)."""
-    out: list[dict] = []
-    for i, c in _prose_chunks_in_seeded_order(chunks, seed):
-        if len(out) >= limit:
-            break
-        prompt = (f"Write {per_chunk} question(s) a user could ask that this passage answers, each with an "
-                  "answer copied word for word from the passage (one sentence or less). Reply with JSON only: "
-                  '[{"question": "...", "answer": "..."}]\n\nPassage:\n' + c.text)
-        try:
-            reply = ask(prompt)
-            start, end = reply.find("["), reply.rfind("]")
-            items = json.loads(reply[start:end + 1]) if start >= 0 and end > start else []
-        except Exception:  # noqa: BLE001, S112 - a failing teacher costs examples, never the build
-            continue
-        for item in items[:per_chunk]:
-            if not isinstance(item, dict):
-                continue
-            q, a = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-            if q and a and normalize(a) in normalize(c.text):
-                out.append({"question": q, "answer": a, "source": c.source, "origin": "teacher", "gold": [i]})
-    return out[:limit]
+def template_sample(chunks: Sequence[Chunk], n: int = 20, seed: int = 0) -> list[dict]:
+    """Up to n of the template questions above, one per chunk: what generated questions replace (report card)."""
+    return [{"question": q["question"], "answer": q["answer"], "source": q["source"]}
+            for q in synthetic_questions(chunks, 1, n, seed)]
 
 
 def _passage(chunk: Chunk) -> dict:
@@ -242,21 +221,16 @@ def read_examples(path: str | Path) -> list[dict]:
 
 
 def build_chat_data(cfg, chunks: Sequence[Chunk], train_questions: Sequence[dict], retriever, out_path: Path,
-                    count: TokenCount | None = None, wanted: int | None = None, log=None) -> list[dict]:
-    """The build's chat data: supervised questions first, then teacher and synthetic pairs up to ``wanted``
-    examples (what training will consume), contexts from ``retriever``; written to ``out_path`` (JSONL)."""
+                    count: TokenCount | None = None, wanted: int | None = None,
+                    generated: Sequence[dict] = ()) -> list[dict]:
+    """The build's chat data: supervised questions first, then the generated training questions
+    (builder.generated_questions), then template pairs, up to ``wanted`` examples (what training will consume),
+    contexts from ``retriever``; written to ``out_path`` (JSONL)."""
     llm, dg = cfg.llm, cfg.datagen
     wanted = wanted if wanted is not None else llm.max_steps * llm.batch_size
     pool: list[dict] = [dict(q, origin="question") for q in train_questions]
+    pool += list(generated)[:max(0, wanted - len(pool))]
     short = max(0, wanted - len(pool))
-    if short and dg.teacher_url:
-        try:
-            ask = openai_teacher(dg.teacher_url, dg.teacher_model)
-            pool += teacher_qa_pairs(chunks, ask, dg.teacher_questions_per_chunk, short, cfg.seed)
-        except Exception as exc:  # noqa: BLE001 - no teacher means fewer examples, not a failed build
-            if log:
-                log(f"    teacher at {dg.teacher_url} failed ({exc}); using synthetic questions")
-        short = max(0, wanted - len(pool))
     if short:
         pool += synthetic_questions(chunks, max(1, dg.synthetic_per_chunk), min(short, dg.max_synthetic), cfg.seed)
     rankings = [[i for i, _ in r] for r in _rank_all(retriever, [q["question"] for q in pool],

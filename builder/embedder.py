@@ -8,9 +8,12 @@
    ``embedder.cached_loss_above`` pairs per batch) and a no-duplicates batch sampler (or, with
    ``embedder.sources_per_batch``, batches filled from a few documents at a time), in bf16 autocast where the
    hardware multiplies bf16 natively.
-4. An InformationRetrievalEvaluator over all chunks scores base and fine-tuned on the held-out pairs. The
-   promotion gate ships the fine-tuned model only if its MRR@10 beats the base by more than
-   ``embedder.min_gain``; otherwise the bundle keeps the base model and the manifest says why.
+4. An InformationRetrievalEvaluator over all chunks scores base and fine-tuned on the gate's questions: the
+   real questions held out of training when there are enough, else the generated dev questions (chunks no
+   training pair used, a prompt no training question came from), else every held-out pair. The fine-tuned
+   model ships only if its MRR@10 beats the base by more than ``embedder.min_gain`` and its recall@10 and
+   recall@20 are not below the base's by more than ``embedder.recall_margin``; otherwise the bundle keeps the
+   base model and the manifest says why.
 
     assistant build knowledge --profile cpu --out bundles --set llm.finetune=false
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from builder import embedder_pairs
+from builder.generated_questions import GENERATED_DEV, GeneratedQuestions
 from core.bundle import BASE_EMBEDDINGS_FILE, DATA_DIR, EMBEDDER_DIR, PAIRS_FILE, Chunk
 from core.config import BuildConfig
 from core.device import autocast_dtype
@@ -40,8 +44,9 @@ from core.retrieval import encode_texts
 from core.text import normalize
 
 GATE_METRIC = "mrr@10"
-# The gate scores held-out real questions when there are enough of them to mean something; below that it
-# scores every held-out pair (questions and synthetic queries alike).
+DEPTH_METRICS = ("recall@10", "recall@20")  # what a fine-tune may not lose for its gain at the top
+# The gate scores held-out real questions when there are enough of them to mean something, else generated dev
+# questions when there are enough of those; below that it scores every held-out pair.
 GATE_MIN_QUESTIONS = 20
 
 
@@ -76,13 +81,14 @@ def make_ir_evaluator(pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Sequ
     queries = {f"q{n}": p.query for n, p in enumerate(pairs)}
     relevant = {f"q{n}": {str(i) for i in relevant_for_eval(p, norm_texts)} for n, p in enumerate(pairs)}
     corpus = {str(i): c.text for i, c in enumerate(chunks)}
-    return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, accuracy_at_k=[1, 5, 10],
+    return InformationRetrievalEvaluator(queries, corpus, relevant, name=name, accuracy_at_k=[1, 5, 10, 20],
                                          precision_recall_at_k=[10], mrr_at_k=[10], ndcg_at_k=[10], map_at_k=[10],
                                          write_csv=False, batch_size=64)
 
 
 def run_ir_evaluator(evaluator, model, corpus_embeddings: np.ndarray, device: str) -> dict[str, float]:
-    """recall@1/5/10 (a relevant chunk in the top k), MRR@10 and nDCG@10, named as in builder.evaluate_retrieval (retrieval_metrics)."""
+    """recall@1/5/10/20 (a relevant chunk in the top k), MRR@10 and nDCG@10, named as in
+    builder.evaluate_retrieval (retrieval_metrics)."""
     import torch
 
     from core.device import autocast_context
@@ -91,7 +97,7 @@ def run_ir_evaluator(evaluator, model, corpus_embeddings: np.ndarray, device: st
         raw = evaluator(model, corpus_embeddings=torch.from_numpy(corpus_embeddings).to(model.device))
     picked: dict[str, float] = {}
     for ours, theirs in (("recall@1", "accuracy@1"), ("recall@5", "accuracy@5"), ("recall@10", "accuracy@10"),
-                         ("mrr@10", "mrr@10"), ("ndcg@10", "ndcg@10")):
+                         ("recall@20", "accuracy@20"), ("mrr@10", "mrr@10"), ("ndcg@10", "ndcg@10")):
         values = [v for k, v in raw.items() if k.endswith(f"_{theirs}")]
         picked[ours] = round(float(values[0]), 4) if values else float("nan")
     picked["queries"] = float(len(evaluator.queries))
@@ -99,15 +105,23 @@ def run_ir_evaluator(evaluator, model, corpus_embeddings: np.ndarray, device: st
 
 
 def promotion_decision(base: dict[str, float], finetuned: dict[str, float], min_gain: float,
-                       metric: str = GATE_METRIC, on: str = "held-out pairs") -> tuple[bool, str]:
-    """Ship the fine-tuned embedder only if it beats the base by more than min_gain on the gate metric."""
+                       recall_margin: float = 0.0, metric: str = GATE_METRIC,
+                       on: str = "held-out pairs") -> tuple[bool, str]:
+    """Ship the fine-tuned embedder only if it beats the base by more than min_gain on the gate metric and
+    loses no more than recall_margin of recall at depth (DEPTH_METRICS)."""
     b, f = base.get(metric, float("nan")), finetuned.get(metric, float("nan"))
     n = int(base.get("queries", 0))
     if not (math.isfinite(b) and math.isfinite(f)):
         return False, f"kept the base embedder: {metric} could not be measured on the {on}"
-    if f > b + min_gain:
+    lost = [f"{m} {finetuned[m]:.4f} vs base {base[m]:.4f}" for m in DEPTH_METRICS
+            if m in base and m in finetuned and finetuned[m] < base[m] - recall_margin]
+    if f > b + min_gain and not lost:
         return True, (f"shipped the fine-tuned embedder: {metric} {f:.4f} vs base {b:.4f} "
-                      f"(gain {f - b:+.4f} > min_gain {min_gain}) on {n} {on}")
+                      f"(gain {f - b:+.4f} > min_gain {min_gain}), recall at depth kept within {recall_margin} "
+                      f"on {n} {on}")
+    if lost:
+        return False, (f"kept the base embedder: the fine-tune lost recall at depth ({'; '.join(lost)}: more than "
+                       f"recall_margin {recall_margin}), {metric} {f:.4f} vs {b:.4f}, on {n} {on}")
     return False, (f"kept the base embedder: fine-tuned {metric} {f:.4f} vs base {b:.4f} "
                    f"(gain {f - b:+.4f} is not above min_gain {min_gain}) on {n} {on}")
 
@@ -367,10 +381,24 @@ def remine_round(model, pairs: Sequence[embedder_pairs.EmbedderPair], chunks: Se
 
 # ----------------------------------------------------------------------------------------------- the stage
 
+def base_ranker(cfg: BuildConfig, base: Path, chunks: Sequence[Chunk], device: str = "cpu") -> embedder_pairs.BaseRanker:
+    """The base embedder's chunk embeddings fused with BM25: the round trip of the generated questions and the
+    miner of hard negatives both rank with it (its ``emb`` are the base chunk embeddings, computed once)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base), device=device)
+    say(f"    embedding {len(chunks)} chunks with the base embedder")
+    emb = encode_texts(model, [c.text for c in chunks], autocast_device=device, progress=True)
+    return embedder_pairs.BaseRanker(chunks, lambda qs: encode_texts(model, qs, autocast_device=device), emb,
+                                     cfg.retrieval.bm25_analyzer())
+
+
 def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list[dict], bundle_dir: Path,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", ranker: embedder_pairs.BaseRanker | None = None,
+        generated: GeneratedQuestions | None = None) -> dict:
     """Write the (unfinished) bundle's embedder/ folder and its pairs in data/; return the manifest entry
-    (decision, metrics, settings).
+    (decision, metrics, settings). ``ranker``: ``base_ranker``'s, when the caller has it already;
+    ``generated``: the build's generated questions (training ones are trained on, dev ones can gate).
 
     The entry's ``chunk_embeddings`` (the shipped model's embeddings of the chunks, in chunk order) is for the
     index stage to reuse and must be popped before the entry is written.
@@ -388,14 +416,12 @@ def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list
     longest = max((c.n_tokens for c in chunks), default=0)
     if longest > model.max_seq_length:
         say(f"    warning: the longest chunk has {longest} tokens, over the embedder's {model.max_seq_length}")
+    ranker = ranker or base_ranker(cfg, base, chunks, device)
+    base_emb = ranker.emb
+    generated = generated or GeneratedQuestions()
 
-    say(f"    embedding {len(texts)} chunks with the base embedder")
-    base_emb = encode_texts(model, texts, autocast_device=device, progress=True)
-
-    def encode_queries(queries: Sequence[str]) -> np.ndarray:
-        return encode_texts(model, queries, autocast_device=device)
-
-    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, train_questions, encode_queries, base_emb, log=say)
+    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, train_questions, ranker, generated.train,
+                                                      exclude=generated.dev_chunks)
     train_pairs, held = embedder_pairs.split_pairs(pairs, cfg.embedder.eval_fraction, cfg.seed)
     embedder_pairs.write_pairs(Path(bundle_dir) / PAIRS_FILE, train_pairs, held, chunks)
     say(f"    {len(pairs)} pairs ({', '.join(f'{stats[k]} {k}' for k in embedder_pairs.KINDS if stats[k])}); "
@@ -409,11 +435,18 @@ def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list
         return info
 
     held_questions = [p for p in held if p.kind == "question"]
-    gate_key, gate_on = (("questions", "held-out questions") if len(held_questions) >= GATE_MIN_QUESTIONS
-                         else ("all", "held-out pairs"))
+    dev_pairs, _ = embedder_pairs.question_pairs(generated.dev, chunks, kind="generated")
+    if len(held_questions) >= GATE_MIN_QUESTIONS:
+        gate_key, gate_on = "questions", "held-out questions"
+    elif len(dev_pairs) >= GATE_MIN_QUESTIONS:
+        gate_key, gate_on = "generated_dev", GENERATED_DEV
+    else:
+        gate_key, gate_on = "all", "held-out pairs"
     evaluators = {"all": make_ir_evaluator(held, chunks, "heldout-all")}
     if held_questions:
         evaluators["questions"] = make_ir_evaluator(held_questions, chunks, "heldout-questions")
+    if dev_pairs:
+        evaluators["generated_dev"] = make_ir_evaluator(dev_pairs, chunks, "generated-dev")
     before = {k: run_ir_evaluator(e, model, base_emb, device) for k, e in evaluators.items()}
     say(f"    base embedder on {gate_on}: " + _fmt(before[gate_key]))
 
@@ -446,7 +479,8 @@ def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list
     # The same evaluation on (at most 200 of) its training pairs: the gap to the held-out pairs is the overfitting.
     train_sample = sorted(train_pairs, key=lambda p: stable_fraction(f"fit:{p.query}", cfg.seed))[:200]
     info["train_fit"] = run_ir_evaluator(make_ir_evaluator(train_sample, chunks, "train-fit"), model, ft_emb, device)
-    ship, decision = promotion_decision(before[gate_key], after[gate_key], cfg.embedder.min_gain, on=gate_on)
+    ship, decision = promotion_decision(before[gate_key], after[gate_key], cfg.embedder.min_gain,
+                                        cfg.embedder.recall_margin, on=gate_on)
     say(f"    {decision}")
     if ship:
         if out_dir.exists():
@@ -461,6 +495,7 @@ def run(cfg: BuildConfig, base: Path, chunks: list[Chunk], train_questions: list
         "finetuned": ship,
         "decision": decision,
         "gate": {"metric": GATE_METRIC, "on": gate_on, "min_gain": cfg.embedder.min_gain,
+                 "depth": list(DEPTH_METRICS), "recall_margin": cfg.embedder.recall_margin,
                  "base": before[gate_key], "finetuned": after[gate_key]},
         "heldout": {k: {"base": before[k], "finetuned": after[k]} for k in evaluators},
         "training": training,

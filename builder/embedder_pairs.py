@@ -1,10 +1,10 @@
 """The embedder's training data from the knowledge base.
 
-- ``make_embedder_pairs``: (query, positive chunk, hard negatives) for the embedder, with no network and no
-  teacher required. Supervision comes first: every training question is matched to the chunk that holds its
-  answer. Synthetic queries fill in where supervision is thin: section headings and document titles for their
-  sections, inverse-cloze pairs (a sentence as the query, its chunk without the sentence as the positive) and,
-  when a teacher endpoint is configured, generated questions that survive a round-trip retrieval check.
+- ``make_embedder_pairs``: (query, positive chunk, hard negatives) for the embedder. Supervision comes first: every training question is matched to the chunk that holds its
+  answer. Generated questions (builder.generated_questions: written per chunk by a language model, kept after a
+  round-trip retrieval check) come next; synthetic queries fill in where both are thin: section headings and
+  document titles for their sections, inverse-cloze pairs (a sentence as the query, its chunk without the
+  sentence as the positive). No synthetic pair has a generated-dev chunk as its positive.
   Hard negatives come from the base embedder and BM25, fused; a candidate that contains the answer (or the
   cloze sentence, or belongs to the heading's section) is a false negative and is dropped.
 
@@ -17,22 +17,21 @@ import itertools
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from builder.teacher import Ask, openai_teacher
 from core.bundle import Chunk
 from core.gold import GoldMatcher
 from core.hashing import stable_fraction
 from core.retrieval import BM25Index, rrf_fuse
 from core.text import normalize, split_clauses, split_header
 
-KINDS = ("question", "teacher", "heading", "title", "ict")
-SUPERVISED_KINDS = ("question", "teacher")  # written as questions, by people or by a teacher model
+KINDS = ("question", "generated", "heading", "title", "ict")
+SUPERVISED_KINDS = ("question",)  # written by people: trained on question_repeats times
 
 # Inverse cloze: most of the time the sentence is cut from its chunk so the model must learn more than string
 # overlap; a few pairs keep it, as in Lee et al. (2019), so exact matches are not unlearned.
@@ -72,7 +71,7 @@ class EmbedderPair:
                "negative_chunk_ids": [chunks[i].chunk_id for i in self.negatives]}
         if self.positive_text is not None:
             row["positive_text"] = self.positive_text
-        if self.answer and self.kind in ("question", "teacher"):
+        if self.answer and self.kind in ("question", "generated"):
             row["answer"] = self.answer
         if self.source:
             row["source"] = self.source
@@ -137,18 +136,18 @@ def ict_pair(chunks: Sequence[Chunk], pos: int, sentence: str, keep: bool) -> Em
 
 
 def synthetic_pairs(chunks: Sequence[Chunk], per_chunk: int, limit: int, supervised: dict[int, int],
-                    seed: int = 0, teacher: Sequence[EmbedderPair] = ()) -> list[EmbedderPair]:
-    """Teacher questions first, then heading/title and inverse-cloze pairs taken in turn, at most ``limit`` in
-    all. Cloze queries go to thinly supervised chunks first, at most ``per_chunk`` per chunk, fewer where
+                    seed: int = 0, exclude: Collection[int] = ()) -> list[EmbedderPair]:
+    """Heading/title and inverse-cloze pairs taken in turn, at most ``limit`` in all, none with a positive in
+    ``exclude``. Cloze queries go to thinly supervised chunks first, at most ``per_chunk`` per chunk, fewer where
     questions already point at the chunk."""
-    out = list(teacher)[:limit]
-    headings = heading_pairs(chunks)
+    out: list[EmbedderPair] = []
+    headings = [p for p in heading_pairs(chunks) if p.positive not in exclude]
     cloze: list[EmbedderPair] = []
     order = sorted(range(len(chunks)),
                    key=lambda i: (supervised.get(i, 0), stable_fraction(chunks[i].chunk_id, seed)))
     for i in order:
         budget = max(0, per_chunk - supervised.get(i, 0))
-        if not budget or chunks[i].kind == "qa":
+        if not budget or chunks[i].kind == "qa" or i in exclude:
             continue
         rng = random.Random(f"{seed}:{chunks[i].chunk_id}")
         candidates = ict_candidates(chunks[i])
@@ -164,46 +163,10 @@ def synthetic_pairs(chunks: Sequence[Chunk], per_chunk: int, limit: int, supervi
     return out
 
 
-# ----------------------------------------------------------------------------------------------- teacher
-
-TEACHER_PROMPT = ("Write {n} different questions that a reader could ask and that the passage below answers. "
-                  "Each question must make sense on its own, without the passage. Reply with one question per "
-                  "line and nothing else.\n\nPassage:\n{passage}")
-
-
-def teacher_queries(chunks: Sequence[Chunk], positions: Sequence[int], ask: Ask, n: int,
-                    log: Callable[[str], None] | None = None) -> list[tuple[int, str]]:
-    """(chunk position, question) written by the teacher (builder.teacher); a failed request skips the chunk."""
-    out = []
-    failures = 0
-    for i in positions:
-        try:
-            text = ask(TEACHER_PROMPT.format(n=n, passage=chunks[i].text), temperature=0.3, max_tokens=60 * n)
-        except Exception as exc:  # noqa: BLE001 - one failed request must not stop the build
-            failures += 1
-            if log and failures <= 3:
-                log(f"    teacher request failed for chunk {chunks[i].chunk_id}: {exc}")
-            continue
-        lines = [re.sub(r"^\s*(?:\d+[.)]|[-*•])\s*", "", ln).strip() for ln in text.splitlines()]
-        for q in [ln for ln in lines if len(ln.split()) >= 3 and ln.endswith("?")][:n]:
-            out.append((i, q))
-    return out
-
-
-def round_trip_filter(candidates: Sequence[tuple[int, str]], ranker: Callable[[Sequence[str], int], list[list[int]]],
-                      k: int = 3) -> tuple[list[EmbedderPair], int]:
-    """Keep a generated question only if the base retriever finds its own chunk in the top k."""
-    if not candidates:
-        return [], 0
-    ranked = ranker([q for _, q in candidates], k)
-    kept = [EmbedderPair(q, i, "teacher", [i]) for (i, q), r in zip(candidates, ranked) if i in r[:k]]
-    return kept, len(candidates) - len(kept)
-
-
 # ----------------------------------------------------------------------------------------------- negatives
 
 class BaseRanker:
-    """Base-embedder and BM25 rankings over the chunks, for mining and for the teacher's round trip."""
+    """Base-embedder and BM25 rankings over the chunks, for mining and for the generated questions' round trip."""
 
     def __init__(self, chunks: Sequence[Chunk], encode: Encoder, chunk_embeddings: np.ndarray,
                  bm25_analyzer: dict | None = None):
@@ -271,32 +234,22 @@ def mine_hard_negatives(pairs: list[EmbedderPair], chunks: Sequence[Chunk], rank
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def make_embedder_pairs(cfg, chunks: Sequence[Chunk], questions: Sequence[dict], encode: Encoder,
-                        chunk_embeddings: np.ndarray, teacher: Ask | None = None,
-                        log: Callable[[str], None] | None = None) -> tuple[list[EmbedderPair], dict]:
-    """Every training pair for the embedder (``cfg`` is the BuildConfig) and counts for the manifest.
-
-    ``encode`` is the base embedder (texts -> normalized rows) and ``chunk_embeddings`` its chunk embeddings.
-    """
+def make_embedder_pairs(cfg, chunks: Sequence[Chunk], questions: Sequence[dict], ranker: BaseRanker,
+                        generated: Sequence[dict] = (), exclude: Collection[int] = ()) -> tuple[list[EmbedderPair], dict]:
+    """Every training pair for the embedder (``cfg`` is the BuildConfig) and counts for the manifest: the real
+    ``questions``, the ``generated`` ones (question dicts of builder.generated_questions), then synthetic queries,
+    none of them on a chunk in ``exclude``. ``ranker`` (the base embedder and BM25) mines the hard negatives."""
     dcfg = cfg.datagen
     supervised, unmatched = question_pairs(questions, chunks)
+    # Generated and synthetic pairs share one budget (datagen.max_synthetic): it bounds the stage's time.
+    written, _ = question_pairs([q for q in generated if q["gold"][0] not in exclude][:dcfg.max_synthetic], chunks,
+                                kind="generated")
     counts: dict[int, int] = {}
-    for p in supervised:
+    for p in supervised + written:
         counts[p.positive] = counts.get(p.positive, 0) + 1
-    ranker = BaseRanker(chunks, encode, chunk_embeddings, cfg.retrieval.bm25_analyzer())
-
-    taught: list[EmbedderPair] = []
-    teacher_rejected = 0
-    if dcfg.teacher_url and dcfg.teacher_model:
-        ask = teacher or openai_teacher(dcfg.teacher_url, dcfg.teacher_model)
-        thin = [i for i in sorted(range(len(chunks)), key=lambda i: (counts.get(i, 0),
-                                                                    stable_fraction(chunks[i].chunk_id, cfg.seed)))
-                if chunks[i].kind != "qa"][:dcfg.max_synthetic]
-        generated = teacher_queries(chunks, thin, ask, dcfg.teacher_questions_per_chunk, log)
-        taught, teacher_rejected = round_trip_filter(generated, ranker.rank)
-
-    synthetic = synthetic_pairs(chunks, dcfg.synthetic_per_chunk, dcfg.max_synthetic, counts, cfg.seed, taught)
-    pairs = (supervised + synthetic)[:cfg.embedder.max_pairs]
+    synthetic = synthetic_pairs(chunks, dcfg.synthetic_per_chunk, max(0, dcfg.max_synthetic - len(written)), counts,
+                                cfg.seed, exclude)
+    pairs = (supervised + written + synthetic)[:cfg.embedder.max_pairs]
     # Repeated question pairs get a fresh negative on each repeat, so mine enough for all of them.
     dropped = mine_hard_negatives(pairs, chunks, ranker, dcfg.hard_negatives * max(1, cfg.embedder.question_repeats))
     for p in pairs:
@@ -304,8 +257,7 @@ def make_embedder_pairs(cfg, chunks: Sequence[Chunk], questions: Sequence[dict],
             p.negatives = p.negatives[:dcfg.hard_negatives]
     stats: dict[str, Any] = {k: sum(p.kind == k for p in pairs) for k in KINDS}
     stats.update({"pairs": len(pairs), "unmatched_questions": len(unmatched),
-                  "inexact_positives": sum(not p.exact for p in pairs),
-                  "teacher_rejected": teacher_rejected, "false_negatives_dropped": dropped,
+                  "inexact_positives": sum(not p.exact for p in pairs), "false_negatives_dropped": dropped,
                   "negatives_per_pair": round(sum(len(p.negatives) for p in pairs) / max(1, len(pairs)), 2)})
     return pairs, stats
 

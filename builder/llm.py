@@ -13,8 +13,9 @@ The stage, in order:
    want them (``serve.use_merged`` yes, or auto without CUDA);
 4. the gate: base and fine-tuned answers on the held-out questions (``builder.evaluate_answers``); the adapter
    ships only if its F1 beats the base model's by more than ``llm.min_gain``. Without held-out questions, a
-   slice of the training questions is held back from training for the gate; without any, the adapter ships
-   and the decision says that nothing measured it.
+   slice of the training questions is held back from training for the gate; without real questions, the
+   generated dev questions decide (their answer is the sentence they were written from); without any, the
+   adapter ships and the decision says that nothing measured it.
 
     assistant build knowledge --profile cpu --set llm.max_steps=60
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from builder import chat_examples, lora_trainer
 from builder.evaluate_answers import SYSTEMS, answers_cache_key, evaluate_answers, select_questions
+from builder.generated_questions import GENERATED_DEV, GeneratedQuestions
 from builder.questions import split_questions
 from core.abstention import AbstentionRule
 from core.bundle import (
@@ -66,7 +68,8 @@ TRAIN_FIT_QUESTIONS = 40
 
 def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions: list[dict],
         dev: list[dict], test: list[dict], bundle_dir: Path, device: str = "cpu",
-        retrieval_mode: str | None = None, abstention: AbstentionRule | None = None) -> dict:
+        retrieval_mode: str | None = None, abstention: AbstentionRule | None = None,
+        generated: GeneratedQuestions | None = None) -> dict:
     """Write llm/adapter/ (and llm/merged/) when an adapter ships; return the manifest entry. The gate decides on
     ``dev`` (or a slice held back from training), comparing the two models on every question; ``test`` is
     scored once, after the decision, and reported as served: with the ``abstention`` rule applied."""
@@ -75,7 +78,8 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
     bundle_dir = Path(bundle_dir)
     base = str(base)
     retriever = load_retriever(bundle_dir, cfg, retrieval_mode)
-    gate_questions, train_questions, gate_from = split_gate(dev, train_questions, cfg.seed)
+    generated = generated or GeneratedQuestions()
+    gate_questions, train_questions, gate_from = split_gate(dev, train_questions, cfg.seed, generated.dev)
 
     requested = cfg.llm.max_steps
     # The steps this folder trains for; the caller's config is left as it was asked for.
@@ -91,7 +95,7 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
 
     with step("chat examples"):
         rows = chat_examples.build_chat_data(cfg, chunks, train_questions, retriever, bundle_dir / CHAT_FILE,
-                                             count=count, log=say)
+                                             count=count, generated=generated.train)
         data_info = chat_examples.summarize(rows)
         say(f"    {data_info['examples']} examples {data_info['by_origin']}, "
             f"{data_info['gold_absent']} without the answer")
@@ -171,8 +175,10 @@ def _reported(report: dict, split: str) -> dict:
     return {**out, "split": split} if out else {}
 
 
-def split_gate(dev: list[dict], train_questions: list[dict], seed: int) -> tuple[list[dict], list[dict], str]:
-    """(gate questions, training questions, where the gate questions came from)."""
+def split_gate(dev: list[dict], train_questions: list[dict], seed: int,
+               generated_dev: list[dict] = ()) -> tuple[list[dict], list[dict], str]:
+    """(gate questions, training questions, where the gate questions came from): the dev split, else a slice of
+    the training questions held back, else the generated dev questions (builder.generated_questions)."""
     if dev:
         return dev, train_questions, "dev split"
     if len(train_questions) >= GATE_MIN * 3:
@@ -180,6 +186,8 @@ def split_gate(dev: list[dict], train_questions: list[dict], seed: int) -> tuple
         if len(gate_q) >= GATE_MIN:
             train += gate_q[GATE_MAX:]  # beyond the cap they are worth more as training data
             return gate_q[:GATE_MAX], train, "training questions held back from LoRA training"
+    if len(generated_dev) >= GATE_MIN:
+        return list(generated_dev)[:GATE_MAX], train_questions, GENERATED_DEV
     return [], train_questions, "none"
 
 
@@ -188,8 +196,8 @@ def gate(report: dict, min_gain: float, gate_from: str, n_questions: int) -> tup
     gain over the base, on the gate's questions, lies wholly above ``min_gain``."""
     if not report or "finetuned" not in report or "base" not in report:
         return True, ("shipped without a gate: there are no dev questions (the knowledge folder has no "
-                      "question/answer pairs to hold out and too few were given with --questions), so nothing "
-                      "measured the adapter")
+                      "question/answer pairs to hold out, too few were given with --questions and too few "
+                      "generated ones passed the round trip), so nothing measured the adapter")
     b, f = report["base"]["f1"], report["finetuned"]["f1"]
     paired = report.get("finetuned_vs_base") or {}
     low, high = paired.get("ci", [f - b, f - b])

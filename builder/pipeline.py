@@ -11,12 +11,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from builder import abstention, embedder, index, ingest, llm
+from builder import abstention, embedder, generated_questions, index, ingest, llm
 from builder import chunk as chunk_stage
+from builder.chat_examples import template_sample
 from builder.evaluate_retrieval import base_dense_retriever, evaluate_modes, evaluate_retriever
+from builder.generated_questions import GENERATED_DEV, GeneratedQuestions, ask_writer, llm_writer
 from builder.questions import qa_to_dict, read_questions, split_train_dev_test
 from builder.report_card import bundle_card
 from builder.report_card import render as render_card
+from builder.teacher import openai_teacher
 from core.abstention import AbstentionRule
 from core.bundle import (
     DEV_FILE,
@@ -103,8 +106,23 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         timing["chunk_s"] = s["seconds"]
         say(f"    {len(chunks)} chunks, at most {max(c.n_tokens for c in chunks)} tokens")
 
+        # The base LLM is resolved before the embedder stage: it writes the generated questions both stages use.
+        if cfg.llm.base_model == "tiny":
+            base_llm = build_tiny_llama(corpus, writer.path(TINY_LLM_DIR), seed=cfg.seed)
+            llm_ref = {"name": "tiny", "path": TINY_LLM_DIR}
+        else:
+            base_llm = resolve_llm(cfg.llm.base_model)
+            llm_ref = {"name": cfg.llm.base_model, "path": str(base_llm)}
+
+        with step("questions from the documents") as s:
+            wanted = cfg.embedder.finetune or cfg.datagen.generate_questions
+            ranker = embedder.base_ranker(cfg, base_emb, chunks, device) if wanted else None
+            generated = _generate_questions(cfg, chunks, ranker, str(base_llm))
+        timing["generate_s"] = s["seconds"]
+
         with step("embedder") as s:
-            emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.tmp, device=device)
+            emb_info = embedder.run(cfg, base_emb, chunks, train_questions, writer.tmp, device=device, ranker=ranker,
+                                    generated=generated)
             chunk_embeddings = emb_info.pop("chunk_embeddings", None)  # reused by the index, not in the manifest
         timing["embedder_s"] = s["seconds"]
         base_emb_ref["sha256"] = folder_sha256(Path(base_emb))
@@ -119,9 +137,9 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         timing["index_s"] = s["seconds"]
 
         with step("evaluate retrieval") as s:
-            # Dev chooses; without dev FAQ pairs, the real questions the embedder held out do (never trained on).
-            dev_questions = qa_dev or embedder.heldout_questions(writer.tmp)
-            dev_from = ("dev split" if qa_dev else "embedder held-out questions" if dev_questions else "none")
+            # Dev chooses; without dev FAQ pairs, the real questions the embedder held out do (never trained on);
+            # without any real question, the generated dev questions.
+            dev_questions, dev_from = _dev_questions(qa_dev, embedder.heldout_questions(writer.tmp), generated)
             # One retriever of the unfinished bundle serves the choice on dev and the score on test: the fusion
             # is passed to each explicitly, so its own setting does not matter.
             retriever = llm.load_retriever(writer.tmp, cfg, mode="hybrid")
@@ -146,19 +164,13 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         timing["abstention_s"] = s["seconds"]
 
         with step("llm") as s:
-            if cfg.llm.base_model == "tiny":
-                base_llm = build_tiny_llama(corpus, writer.path(TINY_LLM_DIR), seed=cfg.seed)
-                llm_ref = {"name": "tiny", "path": TINY_LLM_DIR}
-            else:
-                base_llm = resolve_llm(cfg.llm.base_model)
-                llm_ref = {"name": cfg.llm.base_model, "path": str(base_llm)}
             if Path(str(base_llm)).is_dir():
                 llm_ref["sha256"] = folder_sha256(Path(base_llm))
             writer.write_json(LLM_BASE_REF, llm_ref)
             # The LLM stage retrieves with the chosen fusion, exactly as serving will.
             llm_info = llm.run(ran, base_llm, chunks, train_questions, qa_dev, qa_test, writer.tmp,
                                device=device, retrieval_mode=mode,
-                               abstention=AbstentionRule.from_dict(abstention_info["rule"]))
+                               abstention=AbstentionRule.from_dict(abstention_info["rule"]), generated=generated)
             ran.llm.max_steps = llm_info.pop("max_steps", ran.llm.max_steps)
         timing["llm_s"] = s["seconds"]
         llm_info["base"] = llm_ref
@@ -190,6 +202,8 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
             data={"train_questions": len(train_questions), "dev_questions": len(qa_dev),
                   "test_questions": len(qa_test), "heldout_questions": len(qa_test),
                   "extra_questions": len(extra_train), "chunks": len(chunks),
+                  "generated_questions": dict(generated.stats, sample=generated.sample(20, cfg.seed),
+                                              templates=template_sample(chunks, 20, cfg.seed)),
                   "max_chunk_tokens": max(c.n_tokens for c in chunks)},
             errors=res.errors, warnings=res.warnings, skipped=res.skipped, metrics=metrics, timing=timing)
         with step("report card") as s:
@@ -202,6 +216,35 @@ def build(cfg: BuildConfig, knowledge_dir: str | Path, out_dir: str | Path,
         raise
     say(f"==> bundle written in {timing['total_s']:.1f} s")
     return path
+
+
+def _generate_questions(cfg: BuildConfig, chunks: list, ranker, base_llm: str) -> GeneratedQuestions:
+    """The build's generated questions (builder.generated_questions), or none where switched off or where no
+    base ranking exists to check them (embedder.finetune=false)."""
+    dcfg = cfg.datagen
+    if not dcfg.generate_questions or ranker is None or not dcfg.generated_max:
+        say("    no generated questions (datagen.generate_questions=false or datagen.generated_max=0)")
+        return GeneratedQuestions(stats={"writer": "none"})
+    if dcfg.teacher_url and dcfg.teacher_model:
+        write, writer = ask_writer(openai_teacher(dcfg.teacher_url, dcfg.teacher_model), say), dcfg.teacher_model
+    else:
+        write, writer = llm_writer(base_llm, cfg, say), f"base LLM ({cfg.llm.base_model})"
+    out = generated_questions.generate(chunks, write, ranker.rank, limit=dcfg.generated_max,
+                                       dev_fraction=dcfg.generated_dev_fraction, round_trip_k=dcfg.round_trip_k,
+                                       seed=cfg.seed, log=say)
+    out.stats["writer"] = writer
+    return out
+
+
+def _dev_questions(qa_dev: list[dict], embedder_heldout: list[dict], generated: GeneratedQuestions
+                   ) -> tuple[list[dict], str]:
+    """The questions that choose retrieval and calibrate abstention, and where they came from, in order of
+    preference: the dev split, the real questions the embedder held out, the generated dev questions."""
+    for questions, name in ((qa_dev, "dev split"), (embedder_heldout, "embedder held-out questions"),
+                            (generated.dev, GENERATED_DEV)):
+        if questions:
+            return questions, name
+    return [], "none"
 
 
 def _evaluate_retrieval(cfg: BuildConfig, retriever: Retriever, held: list[dict]) -> tuple[dict, str, str]:

@@ -72,13 +72,13 @@ def per_document_recall(retriever, questions: Sequence[dict], k: int = 5) -> dic
 
 
 def uncovered_documents(chunks: Sequence[Chunk], pairs_file: Path) -> list[str]:
-    """Documents that no real training question (FAQ, --questions or teacher) points at."""
+    """Documents that no real training question (FAQ or --questions) points at."""
     ids = {c.chunk_id: c.source for c in chunks}
     asked = set()
     if pairs_file.is_file():
         for line in pairs_file.open(encoding="utf-8"):
             row = json.loads(line)
-            if row.get("split") == "train" and row.get("kind") in ("question", "teacher"):
+            if row.get("split") == "train" and row.get("kind") == "question":
                 asked.add(ids.get(row.get("positive_chunk_id"), ""))
     return sorted({c.source for c in chunks} - asked)
 
@@ -153,6 +153,19 @@ def render(card: dict) -> str:
         shown = ", ".join(html.escape(d) for d in card["uncovered"][:60]) or "none"
         parts.append(f"<h2>Training coverage</h2><p>{len(card['uncovered'])} of {card.get('documents', '?')} "
                      f"documents have no training question pointing at them: {shown}</p>")
+    gen = card.get("generated") or {}
+    if gen.get("sample"):
+        rows = "".join(f"<tr><td>{html.escape(g['question'])}</td><td>{html.escape(t['question'] if t else '')}</td>"
+                       f"<td>{html.escape(g['source'])}</td></tr>"
+                       for g, t in zip(gen["sample"], list(gen.get("templates", [])) + [None] * len(gen["sample"])))
+        counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in gen.items() if isinstance(v, (int, str))
+                           and k not in ("sample", "templates"))
+        parts.append("<h2>Generated training questions</h2>"
+                     f"<p>{html.escape(counts)}</p><table class=\"ex\"><tr><th>generated (kept)</th>"
+                     f"<th>template question they replace</th><th>document</th></tr>{rows}</table>"
+                     '<p class="note">Written by the writer from one sentence of a chunk (the answer), kept when '
+                     "the chunk comes back in the round trip; the template questions are what the build trained "
+                     "on without them.</p>")
     if card.get("examples"):
         systems = [s for s in ("base", "finetuned", "base_no_retrieval") if any(s in e for e in card["examples"])]
         rows = "".join("<tr><td>" + html.escape(e["question"]) + "</td><td>" + html.escape(str(e.get("gold", "")))
@@ -207,6 +220,7 @@ def bundle_card(bundle_dir: Path, manifest: dict, retriever, test_questions: Seq
         "uncovered": uncovered_documents(retriever.chunks, Path(bundle_dir) / PAIRS_FILE),
         "documents": len({c.source for c in retriever.chunks}),
         "examples": examples,
+        "generated": data.get("generated_questions") or {},
     }
 
 

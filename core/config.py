@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -50,11 +51,20 @@ class DatagenConfig:
     dev_fraction: float = _f(0.2, "Share in the dev split: never trained on; it chooses the retrieval mode and "
                              "fusion and decides the LLM gate.")
     synthetic_per_chunk: int = _f(2, "Synthetic queries (heading and inverse-cloze) made per chunk where supervision is thin.")
-    max_synthetic: int = _f(4000, "Upper bound on synthetic query pairs.")
+    max_synthetic: int = _f(4000, "Upper bound on generated and synthetic query pairs together (generated first).")
     hard_negatives: int = _f(3, "Hard negatives mined per training pair (base embedder + BM25, answer-bearing chunks removed).")
-    teacher_url: str = _f("", "OpenAI-compatible base URL of a teacher model that writes questions per chunk (empty: none).")
+    generate_questions: bool = _f(True, "Write a question per chunk from one of its sentences (the teacher when "
+                                  "teacher_url is set, else the base LLM), kept when its chunk comes back in the "
+                                  "round trip; they train both models and, on a share of chunks held out, judge them "
+                                  "(builder/generated_questions.py).")
+    generated_max: int = _f(4000, "Most chunks asked for a question.")
+    generated_dev_fraction: float = _f(0.15, "Share of chunks whose questions are dev questions, written by a second "
+                                       "prompt: no synthetic training pair uses these chunks.")
+    round_trip_k: int = _f(5, "A generated question is kept when its own chunk is in this many first results of "
+                           "the base embedder fused with BM25.")
+    teacher_url: str = _f("", "OpenAI-compatible base URL of a teacher model that writes the generated questions "
+                          "(empty: the build's base LLM writes them).")
     teacher_model: str = _f("", "Model name to ask the teacher endpoint for.")
-    teacher_questions_per_chunk: int = _f(1, "Questions the teacher writes per chunk.")
 
 
 @dataclass
@@ -69,7 +79,10 @@ class EmbedderConfig:
     warmup_ratio: float = _f(0.1, "Share of steps spent warming up the learning rate.")
     max_pairs: int = _f(20000, "Upper bound on training pairs.")
     eval_fraction: float = _f(0.15, "Share of pairs held out for the promotion gate.")
-    min_gain: float = _f(0.0, "The fine-tuned embedder ships only if its held-out MRR@10 beats the base by more than this.")
+    min_gain: float = _f(0.0, "The fine-tuned embedder ships only if its MRR@10 on the gate's questions beats the "
+                         "base by more than this...")
+    recall_margin: float = _f(0.01, "...and its recall@10 and recall@20 there are not below the base's by more than "
+                              "this: a fine-tune that buys the top hit with depth is not shipped.")
     question_repeats: int = _f(1, "Times each real question pair is trained on per epoch, with a different mined "
                                "hard negative each time: real questions teach more than synthetic queries.")
     remine_rounds: int = _f(0, "After training, rounds of one more pass over the real questions with hard negatives "
@@ -284,11 +297,17 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
-def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+# Keys earlier versions wrote into manifests and no longer read: a bundle that has them still loads.
+RETIRED_KEYS = {"datagen.teacher_questions_per_chunk"}
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "", retired: Collection[str] = ()) -> None:
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in updates.items():
         full = f"{prefix}{key}"
+        if full in retired:
+            continue
         if key not in names:
             close = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key {full!r}; keys here: {close}")
@@ -296,7 +315,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of settings, got {value!r}")
-            _merge(current, value, prefix=f"{full}.")
+            _merge(current, value, prefix=f"{full}.", retired=retired)
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
@@ -354,10 +373,11 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "ingest.max_file_mb": (0, None), "ingest.min_chars": (0, None),
     "chunk.max_tokens": (8, None), "chunk.overlap_tokens": (0, None), "chunk.min_tokens": (0, None),
     "datagen.synthetic_per_chunk": (0, None), "datagen.max_synthetic": (0, None),
-    "datagen.hard_negatives": (0, None), "datagen.teacher_questions_per_chunk": (1, None),
+    "datagen.hard_negatives": (0, None), "datagen.generated_max": (0, None), "datagen.round_trip_k": (1, None),
+    "datagen.generated_dev_fraction": (0, 0.5),
     "embedder.epochs": (0, None), "embedder.batch_size": (2, None), "embedder.cached_loss_above": (1, None),
     "embedder.learning_rate": (0, None), "embedder.warmup_ratio": (0, 1), "embedder.max_pairs": (0, None),
-    "embedder.eval_fraction": (0, 1), "embedder.question_repeats": (1, None),
+    "embedder.eval_fraction": (0, 1), "embedder.question_repeats": (1, None), "embedder.recall_margin": (0, 1),
     "retrieval.top_k": (1, None), "retrieval.candidates": (1, None), "retrieval.rrf_k": (1, None),
     "retrieval.sentence_windows": (0, None), "retrieval.window_stride": (1, None), "retrieval.bm25_k1": (0, None),
     "retrieval.bm25_b": (0, 1), "retrieval.abstain_max_false_refusal": (0, 0.5),
@@ -424,8 +444,9 @@ def _check(cfg: BuildConfig) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> BuildConfig:
+    """A manifest's config (a bundle's record of how it was built: retired keys are skipped)."""
     cfg = BuildConfig()
-    _merge(cfg, data)
+    _merge(cfg, data, retired=RETIRED_KEYS)
     return cfg
 
 

@@ -51,6 +51,17 @@ def test_tiny_bundle_has_every_manifest_key_and_part(tiny_bundle):
     assert (tiny_bundle.parent / "latest").resolve() == tiny_bundle.resolve()
 
 
+def test_the_build_asks_its_base_llm_for_questions_and_records_what_survived(tiny_bundle):
+    """The tiny LLM is random, so what it writes fails the round trip: the record says so, and the templates
+    it would replace are listed beside it."""
+    gen = json.loads((tiny_bundle / "manifest.json").read_text())["data"]["generated_questions"]
+    assert gen["writer"] == "base LLM (tiny)" and gen["chunks_asked"] > 10
+    assert gen["chunks_asked"] == gen["replies_formed"] + gen["rejected_form"]
+    assert gen["replies_formed"] == gen["kept_train"] + gen["kept_dev"] + gen["rejected_round_trip"]
+    assert len(gen["sample"]) == min(20, gen["kept_train"]) and len(gen["templates"]) == 20
+    assert all(t["question"] and t["source"] for t in gen["templates"])
+
+
 def test_auto_mode_serves_the_fusion_with_the_best_dev_mrr_and_reports_the_test_split_apart(tiny_bundle):
     from core.retrieval import Retriever
 

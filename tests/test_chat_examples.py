@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 from builder import chat_examples
@@ -150,25 +149,6 @@ def test_synthetic_pairs_quote_a_sentence_of_their_chunk_and_are_deterministic()
     for q in a:
         assert q["answer"] in chunks[q["gold"][0]].text
         assert q["question"].endswith(("?", "."))
-
-
-def test_teacher_pairs_keep_only_answers_copied_from_the_passage():
-    chunks = _corpus()[:4]
-    replies = {  # by the part the prompt's passage comes from
-        "Part 0": json.dumps([{"question": "What figure for item 00?",
-                               "answer": "The figure for item 00 is 0 kilograms per acre."}]),
-        "Part 1": json.dumps([{"question": "Paraphrased?", "answer": "About one kilo on each acre."}]),
-        "Part 2": "not json at all",
-        "Part 3": "Sure! " + json.dumps([{"question": "Records?",
-                                          "answer": "Farmers should keep records of every delivery."}]),
-    }
-
-    def ask(prompt: str) -> str:
-        return next(reply for part, reply in replies.items() if part in prompt)
-
-    got = chat_examples.teacher_qa_pairs(chunks, ask, per_chunk=1, limit=10)
-    assert sorted(q["question"] for q in got) == ["Records?", "What figure for item 00?"]
-    assert all(q["origin"] == "teacher" and q["answer"] in chunks[q["gold"][0]].text for q in got)
 
 
 def test_the_same_inputs_give_the_same_examples():

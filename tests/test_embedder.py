@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder import chunk as chunk_stage
-from builder import embedder, embedder_pairs, ingest
+from builder import embedder, embedder_pairs, generated_questions, ingest
 from core.config import ChunkConfig, IngestConfig, load_config
 from core.hashing import file_sha256
 from core.models import build_tiny_bert
@@ -71,7 +71,8 @@ def test_gate_keeps_the_base_embedder_when_training_learns_nothing(chunks, base_
 
 
 def test_gate_keeps_the_base_when_the_gain_is_below_min_gain(chunks, base_model, tmp_path):
-    cfg = tiny_cfg("embedder.learning_rate=1e-3", "embedder.min_gain=1.0")  # MRR cannot rise by a whole point
+    cfg = tiny_cfg("embedder.learning_rate=1e-3", "embedder.min_gain=1.0",  # MRR cannot rise by a whole point
+                   "embedder.recall_margin=1.0")
     info = embedder.run(cfg, base_model, chunks, [], tmp_path)
     assert info["finetuned"] is False and "min_gain 1.0" in info["decision"]
     assert info["training"]["loss_first"] is not None
@@ -292,3 +293,55 @@ def test_the_tiny_embedder_gets_the_same_vocabulary_on_every_build(chunks, tmp_p
     second = build_tiny_bert(texts, tmp_path / "b", seed=3)
     vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (first, second)]
     assert vocab[0] == vocab[1] and "maize" in vocab[0]
+
+
+def test_promotion_decision_refuses_a_fine_tune_that_buys_the_top_hit_with_depth():
+    base = {"mrr@10": 0.40, "recall@10": 0.80, "recall@20": 0.90, "queries": 50.0}
+    deeper = {"mrr@10": 0.46, "recall@10": 0.64, "recall@20": 0.90}
+    ship, why = embedder.promotion_decision(base, deeper, min_gain=0.0, recall_margin=0.01)
+    assert not ship and "lost recall at depth" in why and "recall@10 0.6400 vs base 0.8000" in why
+    within = {"mrr@10": 0.46, "recall@10": 0.795, "recall@20": 0.90}
+    assert embedder.promotion_decision(base, within, min_gain=0.0, recall_margin=0.01)[0]
+
+
+def lexical_writer(prompts):
+    """Stands in for the LLM: asks about the last words of the sentence it is shown (a question that copies the
+    passage's words, as a small model's often do)."""
+    out = []
+    for p in prompts:
+        words = p.rsplit("Sentence:", 1)[1].split("Question:")[0].split()
+        out.append("What should I know about " + " ".join(words[-6:]).rstrip(".") + "?")
+    return out
+
+
+def test_a_harmful_fine_tune_is_kept_out_by_generated_dev_questions(tmp_path, monkeypatch):
+    """No real question anywhere: the folder's documents only (knowledge/ without its FAQ), the fine-tune made
+    harmful on purpose (every training query paired with another query's passage), and the gate, deciding on
+    the generated dev questions, keeps the base embedder."""
+    res = ingest.run(IngestConfig(), KNOWLEDGE, log=lambda _: None)
+    docs = [d for d in res.documents if not d.source.startswith("faq/")]
+    assert docs and not any(b.kind == "qa" for d in docs for b in d.blocks)
+    chunks = list(chunk_stage.run(ChunkConfig(max_tokens=60, overlap_tokens=0, min_tokens=8), docs,
+                                  lambda ts: [len(t.split()) + 2 for t in ts]))
+    base_model = build_tiny_bert([c.text for c in chunks], tmp_path / "tiny-bert", seed=3)
+    cfg = tiny_cfg("embedder.learning_rate=2e-3", "embedder.max_pairs=400", "datagen.max_synthetic=400")
+    ranker = embedder.base_ranker(cfg, base_model, chunks)
+    generated = generated_questions.generate(chunks, lexical_writer, ranker.rank, limit=1000, dev_fraction=0.3,
+                                             round_trip_k=5)
+    assert len(generated.dev) >= embedder.GATE_MIN_QUESTIONS and generated.train
+
+    real = embedder_pairs.make_embedder_pairs
+
+    def shuffled(*args, **kwargs):
+        pairs, stats = real(*args, **kwargs)
+        texts = [p.text(args[1]) for p in pairs]
+        for p, t in zip(pairs, texts[7:] + texts[:7]):
+            p.positive_text = t
+        return pairs, stats
+
+    monkeypatch.setattr(embedder_pairs, "make_embedder_pairs", shuffled)
+    info = embedder.run(cfg, base_model, chunks, [], tmp_path / "bundle", ranker=ranker, generated=generated)
+    assert info["gate"]["on"] == generated_questions.GENERATED_DEV
+    assert info["gate"]["finetuned"]["mrr@10"] < info["gate"]["base"]["mrr@10"]
+    assert info["finetuned"] is False and info["decision"].startswith("kept the base embedder")
+    assert same_model(tmp_path / "bundle" / "embedder", base_model)

@@ -9,15 +9,13 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from builder import chunk as chunk_stage
-from builder import embedder_pairs, ingest
+from builder import embedder_pairs, generated_questions, ingest
 from builder.questions import read_questions
-from builder.teacher import client_ask
 from core.config import ChunkConfig, IngestConfig, load_config
 from core.text import normalize
 
@@ -188,42 +186,67 @@ def test_answer_string_filters_negatives_outside_the_relevant_set(chunks):
     assert dropped["contains_answer"] >= 1
 
 
-class FakeTeacher:
-    """Stands in for an OpenAI client: answers every chunk with one good and one useless question."""
+def fake_writer(prompts):
+    """Stands in for the LLM: a good question for a sentence about DAP, and otherwise, in turn, a question about
+    the prompt and a question about DAP that merely borrows a word of the sentence (the round trip must reject
+    it: the DAP chunk comes back, not the sentence's own)."""
+    out = []
+    for n, p in enumerate(prompts):
+        sentence = p.rsplit("Sentence:", 1)[1].split("Question:")[0]
+        if "DAP" in sentence:
+            out.append("How much DAP fertilizer for maize?\nExtra line the writer added.")
+        elif n % 2:
+            out.append("What is the answer to this sentence?")
+        else:
+            out.append(f"Question: How much DAP fertilizer for maize {sentence.split()[-1].strip('.')}?")
+    return out
 
-    def __init__(self):
-        self.calls = 0
-        self.chat = self
-        self.completions = self
 
-    def create(self, model, messages, **kw):
-        self.calls += 1
-        passage = messages[-1]["content"]
-        good = "How much DAP fertilizer for maize?" if "50 kg of DAP" in passage else "What about storage?"
-        content = f"1. {good}\n2. Is this a question about nothing at all?"
-        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=content))])
-
-
-def test_teacher_questions_are_kept_only_when_they_retrieve_their_chunk(chunks):
-    dap = position(chunks, "50 kg of DAP")
-    teacher = FakeTeacher()
-    generated = embedder_pairs.teacher_queries(chunks, [dap], client_ask(teacher, "fake"), n=2)
-    assert len(generated) == 2 and teacher.calls == 1
+def test_generated_questions_keep_only_those_that_read_as_questions_and_find_their_chunk(chunks):
     ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
-    kept, rejected = embedder_pairs.round_trip_filter(generated, ranker.rank, k=1)
-    assert [p.query for p in kept] == ["How much DAP fertilizer for maize?"]
-    assert rejected == 1 and kept[0].positive == dap and kept[0].kind == "teacher"
+    got = generated_questions.generate(chunks, fake_writer, ranker.rank, limit=100, dev_fraction=0.0,
+                                       round_trip_k=1)
+    assert got.train and not got.dev
+    for q in got.train:  # its chunk comes back first, and the answer is a sentence of that chunk
+        assert ranker.rank([q["question"]], 1)[0] == q["gold"]
+        assert q["origin"] == "generated" and q["answer"] in chunks[q["gold"][0]].text
+        assert not q["question"].startswith("Question:")
+    st = got.stats
+    assert st["rejected_form"] >= 1 and st["rejected_round_trip"] >= 1
+    assert st["chunks_asked"] == st["replies_formed"] + st["rejected_form"]
 
 
-def test_make_embedder_pairs_uses_a_configured_teacher_and_counts_everything(chunks):
-    cfg = load_config("tiny", overrides=["datagen.teacher_url=http://teacher.invalid/v1",
-                                         "datagen.teacher_model=fake", "datagen.hard_negatives=1"])
-    emb = keyword_encoder([c.text for c in chunks])
-    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, QA, keyword_encoder, emb, teacher=client_ask(FakeTeacher(), "fake"))
+def test_generated_dev_questions_come_from_held_out_chunks_and_the_other_prompt(chunks):
+    seen = []
+
+    def writer(prompts):
+        seen.extend(prompts)
+        return fake_writer(prompts)
+
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
+    got = generated_questions.generate(chunks, writer, ranker.rank, limit=100, dev_fraction=0.5, round_trip_k=3)
+    assert got.dev_chunks and got.dev_chunks == generated_questions.dev_chunks(chunks, 0.5, 0)
+    assert all(q["gold"][0] in got.dev_chunks for q in got.dev)
+    assert all(q["gold"][0] not in got.dev_chunks for q in got.train)
+    train_prompt = generated_questions.PROMPTS["train"].split("{")[0]
+    dev_prompt = generated_questions.PROMPTS["dev"].split("{")[0]
+    assert any(p.startswith(dev_prompt) for p in seen) and any(p.startswith(train_prompt) for p in seen)
+
+
+def test_make_embedder_pairs_trains_generated_questions_and_no_pair_on_a_dev_chunk(chunks):
+    cfg = load_config("tiny", overrides=["datagen.hard_negatives=1"])
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
+    dap = position(chunks, "50 kg of DAP")
+    generated = [{"question": "How much DAP fertilizer for maize?", "source": chunks[dap].source, "gold": [dap],
+                  "answer": "Apply 50 kg of DAP fertilizer per acre at planting time for maize."}]
+    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, QA, ranker, generated)
     assert stats["question"] == 2 and stats["unmatched_questions"] == 1
-    assert stats["teacher"] >= 1 and stats["ict"] >= 1
+    assert stats["generated"] == 1 and stats["ict"] >= 1
     assert stats["pairs"] == len(pairs) == sum(stats[k] for k in embedder_pairs.KINDS)
     assert all(len(p.negatives) <= 1 for p in pairs)
+    held = {dap, position(chunks, "Weed maize twice")}
+    pairs, stats = embedder_pairs.make_embedder_pairs(cfg, chunks, [], ranker, generated, exclude=held)
+    assert stats["generated"] == 0 and not any(p.positive in held for p in pairs)
 
 
 def test_split_pairs_is_deterministic_and_complete(chunks):
