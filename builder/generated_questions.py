@@ -64,7 +64,9 @@ class GeneratedQuestions:
     def sample(self, n: int = 20, seed: int = 0) -> list[dict]:
         """Up to n kept training questions spread over the folder (for the report card and the README)."""
         order = sorted(self.train, key=lambda q: stable_fraction(f"sample:{q['question']}", seed))
-        return [{"question": q["question"], "answer": q["answer"], "source": q["source"]} for q in order[:n]]
+        # Overlapping chunks share sentences, so a question can be kept twice: the sample shows it once.
+        unique = list({q["question"]: q for q in order}.values())
+        return [{"question": q["question"], "answer": q["answer"], "source": q["source"]} for q in unique[:n]]
 
 
 def sentences_for(chunk: Chunk) -> list[str]:
