@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from core.bundle import Chunk
@@ -48,15 +48,19 @@ def _prose_chunks_in_seeded_order(chunks: Sequence[Chunk], seed: int):
     return ((i, chunks[i]) for i in order if chunks[i].kind != "qa")
 
 
-def synthetic_questions(chunks: Sequence[Chunk], per_chunk: int, limit: int, seed: int = 0) -> list[dict]:
+def synthetic_questions(chunks: Sequence[Chunk], per_chunk: int, limit: int, seed: int = 0,
+                        exclude: Collection[int] = ()) -> list[dict]:
     """Extractive question/answer pairs made from the chunks alone: the question names the section (document
     title and heading) and asks what it says; the answer is one of the chunk's sentences, verbatim.
 
-    Chunks are visited in a seeded order, so a small ``limit`` still spreads over the documents."""
+    Chunks are visited in a seeded order, so a small ``limit`` still spreads over the documents; those in
+    ``exclude`` (the generated dev questions' chunks, which may gate the adapter) are skipped."""
     out: list[dict] = []
     for i, c in _prose_chunks_in_seeded_order(chunks, seed):
         if len(out) >= limit:
             break
+        if i in exclude:
+            continue
         sentences = split_sentences(split_header(c.text)[1].replace("\n", " "))
         sentences = [s for s in sentences if 6 <= len(s.split()) <= 45]
         if not sentences:
@@ -222,7 +226,7 @@ def read_examples(path: str | Path) -> list[dict]:
 
 def build_chat_data(cfg, chunks: Sequence[Chunk], train_questions: Sequence[dict], retriever, out_path: Path,
                     count: TokenCount | None = None, wanted: int | None = None,
-                    generated: Sequence[dict] = ()) -> list[dict]:
+                    generated: Sequence[dict] = (), exclude: Collection[int] = ()) -> list[dict]:
     """The build's chat data: supervised questions first, then the generated training questions
     (builder.generated_questions), then template pairs, up to ``wanted`` examples (what training will consume),
     contexts from ``retriever``; written to ``out_path`` (JSONL)."""
@@ -232,7 +236,8 @@ def build_chat_data(cfg, chunks: Sequence[Chunk], train_questions: Sequence[dict
     pool += list(generated)[:max(0, wanted - len(pool))]
     short = max(0, wanted - len(pool))
     if short:
-        pool += synthetic_questions(chunks, max(1, dg.synthetic_per_chunk), min(short, dg.max_synthetic), cfg.seed)
+        pool += synthetic_questions(chunks, max(1, dg.synthetic_per_chunk), min(short, dg.max_synthetic), cfg.seed,
+                                    exclude)
     rankings = [[i for i, _ in r] for r in _rank_all(retriever, [q["question"] for q in pool],
                                                       llm.context_chunks + EXTRA_CANDIDATES)]
     rows = make_chat_examples(pool, chunks, rankings, llm.context_chunks, llm.p_gold_absent, cfg.seed,

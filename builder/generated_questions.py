@@ -81,6 +81,11 @@ def dev_chunks(chunks: Sequence[Chunk], fraction: float, seed: int) -> set[int]:
             < fraction}
 
 
+# Words a question shares with any sentence: sharing only these is not being about it.
+_STOP = {"what", "how", "why", "when", "where", "which", "who", "is", "are", "the", "a", "an", "of", "to", "in",
+         "do", "does", "i", "can", "for", "and", "on", "with"}
+
+
 def clean_question(reply: str, sentence: str) -> str | None:
     """The reply's first line if it reads as a question about the subject, else None."""
     line = next((ln.strip() for ln in reply.splitlines() if ln.strip()), "")
@@ -93,10 +98,6 @@ def clean_question(reply: str, sentence: str) -> str | None:
     if not set(words(line)) & set(words(sentence)) - _STOP:
         return None
     return line
-
-
-_STOP = {"what", "how", "why", "when", "where", "which", "who", "is", "are", "the", "a", "an", "of", "to", "in",
-         "do", "does", "i", "can", "for", "and", "on", "with"}
 
 
 def generate(chunks: Sequence[Chunk], write: Write, rank: Callable[[Sequence[str], int], list[list[int]]], *,

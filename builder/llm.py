@@ -95,7 +95,8 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
 
     with step("chat examples"):
         rows = chat_examples.build_chat_data(cfg, chunks, train_questions, retriever, bundle_dir / CHAT_FILE,
-                                             count=count, generated=generated.train)
+                                             count=count, generated=generated.train,
+                                             exclude=generated.dev_chunks)
         data_info = chat_examples.summarize(rows)
         say(f"    {data_info['examples']} examples {data_info['by_origin']}, "
             f"{data_info['gold_absent']} without the answer")

@@ -151,6 +151,14 @@ def test_synthetic_pairs_quote_a_sentence_of_their_chunk_and_are_deterministic()
         assert q["question"].endswith(("?", "."))
 
 
+def test_template_questions_leave_the_generated_dev_chunks_alone():
+    chunks = _corpus()
+    held = set(range(0, len(chunks), 3))
+    got = chat_examples.synthetic_questions(chunks, per_chunk=1, limit=100, seed=5, exclude=held)
+    assert got and not any(q["gold"][0] in held for q in got)
+    assert len(got) == len(chunks) - len(held)
+
+
 def test_the_same_inputs_give_the_same_examples():
     chunks = _corpus()
     questions = _questions(chunks, 40)
