@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from builder.generated_questions import sentences_for
 from core.bundle import Chunk
 from core.gold import GoldMatcher
 from core.hashing import stable_fraction
 from core.retrieval import BM25Index, rrf_fuse
-from core.text import normalize, split_clauses, split_header
+from core.text import normalize, split_header
 
 KINDS = ("question", "generated", "heading", "title", "ict")
 SUPERVISED_KINDS = ("question",)  # written by people: trained on question_repeats times
@@ -36,7 +37,6 @@ SUPERVISED_KINDS = ("question",)  # written by people: trained on question_repea
 # Inverse cloze: most of the time the sentence is cut from its chunk so the model must learn more than string
 # overlap; a few pairs keep it, as in Lee et al. (2019), so exact matches are not unlearned.
 ICT_KEEP_FRACTION = 0.1
-ICT_MIN_WORDS, ICT_MAX_WORDS = 6, 40
 # A positive found without the answer string in it (a paraphrased FAQ answer) is uncertain: a chunk of the same
 # document that the base embedder scores within this relative margin of it, or above, may be another paraphrase
 # of the answer, so it is not used as a negative.
@@ -120,12 +120,8 @@ def heading_pairs(chunks: Sequence[Chunk]) -> list[EmbedderPair]:
 
 
 def ict_candidates(chunk: Chunk) -> list[str]:
-    """Sentences of a chunk's body that make reasonable cloze queries (not too short, not too long)."""
-    _, body = split_header(chunk.text)
-    sentences = split_clauses(body)
-    if len(sentences) < 2:
-        return []
-    return [s for s in sentences if ICT_MIN_WORDS <= len(s.split()) <= ICT_MAX_WORDS]
+    """Sentences of a chunk's body that make reasonable cloze queries (the chunk keeps at least one other)."""
+    return sentences_for(chunk, min_sentences=2)
 
 
 def ict_pair(chunks: Sequence[Chunk], pos: int, sentence: str, keep: bool) -> EmbedderPair:

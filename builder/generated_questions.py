@@ -69,10 +69,15 @@ class GeneratedQuestions:
         return [{"question": q["question"], "answer": q["answer"], "source": q["source"]} for q in unique[:n]]
 
 
-def sentences_for(chunk: Chunk) -> list[str]:
-    """Sentences of a chunk's body a question can be written from (not too short, not too long)."""
+def sentences_for(chunk: Chunk, min_sentences: int = 1) -> list[str]:
+    """Sentences of a chunk's body a query can be made from (not too short, not too long); none when the body
+    has fewer than ``min_sentences`` (a cloze query needs one left behind). Generated questions and the
+    embedder's cloze pairs both draw from these."""
     _, body = split_header(chunk.text)
-    return [s for s in split_clauses(body) if SENTENCE_MIN_WORDS <= len(s.split()) <= SENTENCE_MAX_WORDS]
+    sentences = split_clauses(body)
+    if len(sentences) < min_sentences:
+        return []
+    return [s for s in sentences if SENTENCE_MIN_WORDS <= len(s.split()) <= SENTENCE_MAX_WORDS]
 
 
 def dev_chunks(chunks: Sequence[Chunk], fraction: float, seed: int) -> set[int]:

@@ -226,13 +226,13 @@ def _generate_questions(cfg: BuildConfig, chunks: list, ranker, base_llm: str) -
         say("    no generated questions (datagen.generate_questions=false or datagen.generated_max=0)")
         return GeneratedQuestions(stats={"writer": "none"})
     if dcfg.teacher_url and dcfg.teacher_model:
-        write, writer = ask_writer(openai_teacher(dcfg.teacher_url, dcfg.teacher_model), say), dcfg.teacher_model
+        write, written_by = ask_writer(openai_teacher(dcfg.teacher_url, dcfg.teacher_model), say), dcfg.teacher_model
     else:
-        write, writer = llm_writer(base_llm, cfg, say), f"base LLM ({cfg.llm.base_model})"
+        write, written_by = llm_writer(base_llm, cfg, say), f"base LLM ({cfg.llm.base_model})"
     out = generated_questions.generate(chunks, write, ranker.rank, limit=dcfg.generated_max,
                                        dev_fraction=dcfg.generated_dev_fraction, round_trip_k=dcfg.round_trip_k,
                                        seed=cfg.seed, log=say)
-    out.stats["writer"] = writer
+    out.stats["writer"] = written_by
     return out
 
 
