@@ -1,6 +1,6 @@
 """Questions written from the documents by a language model, for the folders that come without any.
 
-Each chosen chunk shows one of its sentences to a writer (the teacher endpoint when ``datagen.teacher_url`` is
+Each chosen chunk shows a few of its sentences, one per prompt, to a writer (the teacher endpoint when ``datagen.teacher_url`` is
 set, otherwise the build's own base LLM through the offline engine the evaluation uses) and asks for the
 question that sentence answers. A sentence rather than the whole chunk because the embedded 135M model, asked
 about a whole chunk, wrote mostly questions about "the text" (measured on COVID-QA chunks, history file), and
@@ -106,20 +106,26 @@ def clean_question(reply: str, sentence: str) -> str | None:
 
 
 def generate(chunks: Sequence[Chunk], write: Write, rank: Callable[[Sequence[str], int], list[list[int]]], *,
-             limit: int, dev_fraction: float, round_trip_k: int, seed: int = 0,
+             limit: int, per_chunk: int, dev_fraction: float, round_trip_k: int, seed: int = 0,
              log: Callable[[str], None] | None = None) -> GeneratedQuestions:
-    """One question per chunk (at most ``limit`` chunks, visited in a seeded order so a small limit still spreads
-    over the documents), written by ``write``, kept when the round trip through ``rank`` (queries, k) -> top-k
-    chunk positions finds its chunk."""
+    """Up to ``per_chunk`` questions per chunk, each from a different sentence (at most ``limit`` chunks, visited
+    in a seeded order so a small limit still spreads over the documents), written by ``write``, kept when the round
+    trip through ``rank`` (queries, k) -> top-k chunk positions finds its chunk.
+
+    Questions come out in rounds: every chunk's first, then every chunk's second, and so on, so a budget that
+    keeps only the first n (datagen.max_synthetic) covers as many chunks as it can."""
     held = dev_chunks(chunks, dev_fraction, seed)
     order = sorted((i for i, c in enumerate(chunks) if c.kind != "qa"),
                    key=lambda i: stable_fraction(f"gen:{chunks[i].chunk_id}", seed))
-    jobs: list[tuple[int, str, str]] = []  # (position, sentence, prompt name)
+    picked: dict[int, list[str]] = {}
     for i in order[:limit]:
         options = sentences_for(chunks[i])
         if options:
-            sentence = random.Random(f"{seed}:gen:{chunks[i].chunk_id}").choice(options)
-            jobs.append((i, sentence, "dev" if i in held else "train"))
+            rng = random.Random(f"{seed}:gen:{chunks[i].chunk_id}")
+            picked[i] = rng.sample(options, min(per_chunk, len(options)))
+    jobs: list[tuple[int, str, str]] = [  # (position, sentence, prompt name), round by round
+        (i, sents[r], "dev" if i in held else "train")
+        for r in range(max(per_chunk, 0)) for i, sents in picked.items() if r < len(sents)]
     replies = write([PROMPTS[p].format(sentence=s) for _, s, p in jobs]) if jobs else []
     formed = [(job, q) for job, reply in zip(jobs, replies) if (q := clean_question(reply, job[1]))]
     ranked = rank([q for _, q in formed], round_trip_k) if formed else []
@@ -128,12 +134,12 @@ def generate(chunks: Sequence[Chunk], write: Write, rank: Callable[[Sequence[str
         if i in top[:round_trip_k]:
             row = {"question": q, "answer": sentence, "source": chunks[i].source, "gold": [i], "origin": "generated"}
             (out.dev if prompt == "dev" else out.train).append(row)
-    out.stats = {"chunks_asked": len(jobs), "replies_formed": len(formed), "kept_train": len(out.train),
+    out.stats = {"chunks_asked": len(picked), "sentences_asked": len(jobs), "replies_formed": len(formed), "kept_train": len(out.train),
                  "kept_dev": len(out.dev), "rejected_form": len(jobs) - len(formed),
                  "rejected_round_trip": len(formed) - len(out.train) - len(out.dev),
                  "round_trip_k": round_trip_k, "dev_chunks": len(held)}
     if log:
-        log(f"    {len(jobs)} chunks asked: {len(formed)} replies read as questions, {len(out.train)} train and "
+        log(f"    {len(jobs)} sentences of {len(picked)} chunks asked: {len(formed)} replies read as questions, {len(out.train)} train and "
             f"{len(out.dev)} dev questions passed the round trip (own chunk in the top {round_trip_k})")
     return out
 

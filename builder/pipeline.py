@@ -230,6 +230,7 @@ def _generate_questions(cfg: BuildConfig, chunks: list, ranker, base_llm: str) -
     else:
         write, written_by = llm_writer(base_llm, cfg, say), f"base LLM ({cfg.llm.base_model})"
     out = generated_questions.generate(chunks, write, ranker.rank, limit=dcfg.generated_max,
+                                       per_chunk=dcfg.questions_per_chunk,
                                        dev_fraction=dcfg.generated_dev_fraction, round_trip_k=dcfg.round_trip_k,
                                        seed=cfg.seed, log=say)
     out.stats["writer"] = written_by

@@ -53,11 +53,13 @@ class DatagenConfig:
     synthetic_per_chunk: int = _f(2, "Synthetic queries (heading and inverse-cloze) made per chunk where supervision is thin.")
     max_synthetic: int = _f(4000, "Upper bound on generated and synthetic query pairs together (generated first).")
     hard_negatives: int = _f(3, "Hard negatives mined per training pair (base embedder + BM25, answer-bearing chunks removed).")
-    generate_questions: bool = _f(True, "Write a question per chunk from one of its sentences (the teacher when "
+    generate_questions: bool = _f(True, "Write questions per chunk, each from one of its sentences (the teacher when "
                                   "teacher_url is set, else the base LLM), kept when its chunk comes back in the "
                                   "round trip; they train both models and, on a share of chunks held out, judge them "
                                   "(builder/generated_questions.py).")
-    generated_max: int = _f(4000, "Most chunks asked for a question.")
+    generated_max: int = _f(4000, "Most chunks asked for questions.")
+    questions_per_chunk: int = _f(3, "Sentences of each chunk asked for a question, each a different one (GPL, "
+                                  "Wang et al. 2021, writes three queries per passage).")
     generated_dev_fraction: float = _f(0.15, "Share of chunks whose questions are dev questions, written by a second "
                                        "prompt: no synthetic training pair uses these chunks.")
     round_trip_k: int = _f(5, "A generated question is kept when its own chunk is in this many first results of "
@@ -373,7 +375,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "ingest.max_file_mb": (0, None), "ingest.min_chars": (0, None),
     "chunk.max_tokens": (8, None), "chunk.overlap_tokens": (0, None), "chunk.min_tokens": (0, None),
     "datagen.synthetic_per_chunk": (0, None), "datagen.max_synthetic": (0, None),
-    "datagen.hard_negatives": (0, None), "datagen.generated_max": (0, None), "datagen.round_trip_k": (1, None),
+    "datagen.hard_negatives": (0, None), "datagen.generated_max": (0, None),
+    "datagen.questions_per_chunk": (1, None), "datagen.round_trip_k": (1, None),
     "datagen.generated_dev_fraction": (0, 0.5),
     "embedder.epochs": (0, None), "embedder.batch_size": (2, None), "embedder.cached_loss_above": (1, None),
     "embedder.learning_rate": (0, None), "embedder.warmup_ratio": (0, 1), "embedder.max_pairs": (0, None),

@@ -326,8 +326,8 @@ def test_a_harmful_fine_tune_is_kept_out_by_generated_dev_questions(tmp_path, mo
     base_model = build_tiny_bert([c.text for c in chunks], tmp_path / "tiny-bert", seed=3)
     cfg = tiny_cfg("embedder.learning_rate=2e-3", "embedder.max_pairs=400", "datagen.max_synthetic=400")
     ranker = embedder.base_ranker(cfg, base_model, chunks)
-    generated = generated_questions.generate(chunks, lexical_writer, ranker.rank, limit=1000, dev_fraction=0.3,
-                                             round_trip_k=5)
+    generated = generated_questions.generate(chunks, lexical_writer, ranker.rank, limit=1000, per_chunk=1,
+                                             dev_fraction=0.3, round_trip_k=5)
     assert len(generated.dev) >= embedder.GATE_MIN_QUESTIONS and generated.train
 
     real = embedder_pairs.make_embedder_pairs

@@ -204,8 +204,8 @@ def fake_writer(prompts):
 
 def test_generated_questions_keep_only_those_that_read_as_questions_and_find_their_chunk(chunks):
     ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
-    got = generated_questions.generate(chunks, fake_writer, ranker.rank, limit=100, dev_fraction=0.0,
-                                       round_trip_k=1)
+    got = generated_questions.generate(chunks, fake_writer, ranker.rank, limit=100, per_chunk=1,
+                                       dev_fraction=0.0, round_trip_k=1)
     assert got.train and not got.dev
     for q in got.train:  # its chunk comes back first, and the answer is a sentence of that chunk
         assert ranker.rank([q["question"]], 1)[0] == q["gold"]
@@ -213,7 +213,28 @@ def test_generated_questions_keep_only_those_that_read_as_questions_and_find_the
         assert not q["question"].startswith("Question:")
     st = got.stats
     assert st["rejected_form"] >= 1 and st["rejected_round_trip"] >= 1
-    assert st["chunks_asked"] == st["replies_formed"] + st["rejected_form"]
+    assert st["chunks_asked"] == st["sentences_asked"] == st["replies_formed"] + st["rejected_form"]
+
+
+def test_several_questions_per_chunk_come_from_different_sentences_round_by_round(chunks):
+    seen = []
+
+    def writer(prompts):
+        seen.extend(p.rsplit("Sentence:", 1)[1].split("Question:")[0].strip() for p in prompts)
+        return fake_writer(prompts)
+
+    ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
+    got = generated_questions.generate(chunks, writer, ranker.rank, limit=100, per_chunk=3, dev_fraction=0.0,
+                                       round_trip_k=len(chunks))
+    owners = [next(i for i, c in enumerate(chunks) if s in c.text) for s in seen]
+    per_chunk = {i: [s for s, o in zip(seen, owners) if o == i] for i in set(owners)}
+    assert max(len(v) for v in per_chunk.values()) > 1, "some chunk has several usable sentences"
+    assert all(len(v) == len(set(v)) <= 3 for v in per_chunk.values())
+    # Every chunk's first question comes before any chunk's second: a budget cut keeps the coverage.
+    firsts = [k for k, o in enumerate(owners) if owners.index(o) == k]
+    assert firsts == list(range(len(firsts)))
+    st = got.stats
+    assert st["chunks_asked"] == len(per_chunk) and st["sentences_asked"] == len(seen)
 
 
 def test_generated_dev_questions_come_from_held_out_chunks_and_the_other_prompt(chunks):
@@ -224,7 +245,8 @@ def test_generated_dev_questions_come_from_held_out_chunks_and_the_other_prompt(
         return fake_writer(prompts)
 
     ranker = embedder_pairs.BaseRanker(chunks, keyword_encoder, keyword_encoder([c.text for c in chunks]))
-    got = generated_questions.generate(chunks, writer, ranker.rank, limit=100, dev_fraction=0.5, round_trip_k=3)
+    got = generated_questions.generate(chunks, writer, ranker.rank, limit=100, per_chunk=2, dev_fraction=0.5,
+                                       round_trip_k=3)
     assert got.dev_chunks and got.dev_chunks == generated_questions.dev_chunks(chunks, 0.5, 0)
     assert all(q["gold"][0] in got.dev_chunks for q in got.dev)
     assert all(q["gold"][0] not in got.dev_chunks for q in got.train)
