@@ -35,13 +35,11 @@ Write = Callable[[list[str]], list[str]]
 
 # The training prompt shows two examples from outside any knowledge base (how-to and when), so the form users
 # ask in is what the model copies; the dev prompt has none and other words.
+EXAMPLES = (("To reset the router, hold the power button for ten seconds.", "How do I reset the router?"),
+            ("The museum is closed on Mondays and public holidays.", "When is the museum closed?"))
 PROMPTS = {
-    "train": ("Write the question that the sentence answers.\n\n"
-              "Sentence: To reset the router, hold the power button for ten seconds.\n"
-              "Question: How do I reset the router?\n\n"
-              "Sentence: The museum is closed on Mondays and public holidays.\n"
-              "Question: When is the museum closed?\n\n"
-              "Sentence: {sentence}\nQuestion:"),
+    "train": "Write the question that the sentence answers.\n\n" + "".join(
+        f"Sentence: {s}\nQuestion: {q}\n\n" for s, q in EXAMPLES) + "Sentence: {sentence}\nQuestion:",
     "dev": "Turn this sentence into a question that it answers.\nSentence: {sentence}\nQuestion:",
 }
 MAX_NEW_TOKENS = 40
@@ -91,6 +89,9 @@ _STOP = {"what", "how", "why", "when", "where", "which", "who", "is", "are", "th
          "do", "does", "i", "can", "for", "and", "on", "with"}
 
 
+_EXAMPLE_WORDS = {w for pair in EXAMPLES for text in pair for w in words(text)} - _STOP
+
+
 def clean_question(reply: str, sentence: str) -> str | None:
     """The reply's first line if it reads as a question about the subject, else None."""
     line = next((ln.strip() for ln in reply.splitlines() if ln.strip()), "")
@@ -99,8 +100,10 @@ def clean_question(reply: str, sentence: str) -> str | None:
         return None
     if normalize(line.rstrip("?")) == normalize(sentence.rstrip(".")):
         return None
-    # A question sharing no word with its sentence was written about something else.
-    if not set(words(line)) & set(words(sentence)) - _STOP:
+    # A question sharing no word with its sentence was written about something else; one using a word of the
+    # examples that its sentence lacks ("When is the museum ...?") copied the prompt instead.
+    asked, given = set(words(line)), set(words(sentence))
+    if not asked & given - _STOP or asked & _EXAMPLE_WORDS - given:
         return None
     return line
 

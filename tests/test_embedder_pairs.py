@@ -216,6 +216,17 @@ def test_generated_questions_keep_only_those_that_read_as_questions_and_find_the
     assert st["chunks_asked"] == st["sentences_asked"] == st["replies_formed"] + st["rejected_form"]
 
 
+def test_a_reply_that_copies_the_prompts_example_or_the_sentence_is_not_a_question():
+    sentence = "The clinic is closed on Sundays and after six in the evening."
+    assert generated_questions.clean_question("When is the clinic closed?", sentence) == "When is the clinic closed?"
+    assert generated_questions.clean_question("Question: 1. When is the clinic closed?", sentence)
+    for reply in ("When is the museum closed on Sundays?",  # the example's subject, not the sentence's
+                  "The clinic is closed on Sundays and after six in the evening?",  # the sentence copied
+                  "What does the sentence say about the clinic?",  # about the prompt
+                  "When is it?", "The clinic is closed.", "How do I bake bread at home?"):
+        assert generated_questions.clean_question(reply, sentence) is None, reply
+
+
 def test_several_questions_per_chunk_come_from_different_sentences_round_by_round(chunks):
     seen = []
 
