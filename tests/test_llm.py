@@ -262,6 +262,18 @@ def test_training_questions_are_held_back_for_the_gate_only_when_nothing_else_is
     assert llm.split_gate([], qs[:8], 1) == ([], qs[:8], "none")
 
 
+def test_a_small_dev_split_is_topped_up_with_generated_dev_questions_to_the_gate_size():
+    real = [{"question": f"r{i}?", "answer": "a", "source": None} for i in range(31)]
+    made = [{"question": f"g{i}?", "answer": "a", "source": None, "origin": "generated"} for i in range(100)]
+    gate_q, train_q, where = llm.split_gate(real, [], 1, made)
+    assert gate_q[:31] == real and gate_q[31:] == made[:llm.GATE_MAX - 31] and train_q == []
+    assert where == f"questions: 31 of the dev split and {llm.GATE_MAX - 31} generated dev questions"
+    big = real * 2
+    assert llm.split_gate(big, [], 1, made) == (big, [], "dev split")
+    gate_q, _, where = llm.split_gate([], real * 4, 1, made)
+    assert where.startswith("training questions") and all(q["question"].startswith("r") for q in gate_q)
+
+
 def test_merged_weights_follow_the_serving_choice():
     assert llm.wants_merged(load_config("tiny", None, ["serve.use_merged=auto"]), cuda=False)
     assert not llm.wants_merged(load_config("tiny", None, ["serve.use_merged=no"]), cuda=False)
