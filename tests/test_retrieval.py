@@ -130,6 +130,27 @@ def test_auto_mode_serves_the_best_held_out_mrr_and_hybrid_on_ties():
     assert choose_retrieval_mode({}, "auto") == "hybrid"
 
 
+def test_generated_dev_questions_choose_a_hybrid_that_weights_dense_at_least_evenly(retriever):
+    """Questions that reuse their passage's words (as generated ones do) make BM25 look best; choosing on them,
+    the build still serves both retrievers."""
+    from builder.pipeline import LEXICAL_DEV_RULE, _evaluate_retrieval
+    from core.config import load_config
+
+    cfg = load_config("tiny", None, ["retrieval.mode=auto"])
+    retriever.candidates = 6
+    # The one-hot encoder sees only "k4 k5", which point elsewhere; BM25 also matches the fruit.
+    wordy = [{"question": f"k4 k5 {w}", "answer": w, "source": src}
+             for w, src in (("apples", "a.md"), ("cherries", "c.md"), ("sunrise", "d.md"))]
+    metrics, mode, fusion = _evaluate_retrieval(cfg, retriever, wordy)
+    assert mode == "bm25" and metrics["bm25"]["mrr@10"] > metrics["hybrid"]["mrr@10"] > metrics["dense"]["mrr@10"]
+    assert "zscore:0.4" in metrics["hybrid_by_fusion"] and "rule" not in metrics
+    metrics, mode, fusion = _evaluate_retrieval(cfg, retriever, wordy, lexical=True)
+    assert mode == "hybrid" and metrics["rule"] == LEXICAL_DEV_RULE
+    assert "zscore:0.4" not in metrics["hybrid_by_fusion"] and {"zscore:0.5", "zscore:0.6"} <= set(
+        metrics["hybrid_by_fusion"])
+    assert fusion in metrics["hybrid_by_fusion"]
+
+
 # ----------------------------------------------------------------------------------------------- the report
 
 @pytest.fixture()
