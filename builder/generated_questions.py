@@ -1,10 +1,10 @@
 """Questions written from the documents by a language model, for the folders that come without any.
 
-Each chosen chunk shows a few of its sentences, one per prompt, to a writer (the teacher endpoint when ``datagen.teacher_url`` is
-set, otherwise the build's own base LLM through the offline engine the evaluation uses) and asks for the
-question that sentence answers. A sentence rather than the whole chunk because the embedded 135M model, asked
-about a whole chunk, wrote mostly questions about "the text" (measured on COVID-QA chunks, history file), and
-because a sentence-long prompt costs a third of a chunk-long one.
+Each chosen chunk shows one of its sentences (or a few, one per prompt: ``datagen.questions_per_chunk``) to a
+writer (the teacher endpoint when ``datagen.teacher_url`` is set, otherwise the build's own base LLM through the
+offline engine the evaluation uses) and asks for the question that sentence answers. A sentence rather than the
+whole chunk because the embedded 135M model, asked about a whole chunk, wrote mostly questions about "the text"
+(measured on COVID-QA chunks, history file), and because a sentence-long prompt costs a third of a chunk-long one.
 
 A written question is kept only when it passes the round trip: it reads as a question (ends with "?", four
 words or more, asks about the subject and not about "the sentence" or "the answer"), it is not the sentence
@@ -137,13 +137,15 @@ def generate(chunks: Sequence[Chunk], write: Write, rank: Callable[[Sequence[str
         if i in top[:round_trip_k]:
             row = {"question": q, "answer": sentence, "source": chunks[i].source, "gold": [i], "origin": "generated"}
             (out.dev if prompt == "dev" else out.train).append(row)
-    out.stats = {"chunks_asked": len(picked), "sentences_asked": len(jobs), "replies_formed": len(formed), "kept_train": len(out.train),
-                 "kept_dev": len(out.dev), "rejected_form": len(jobs) - len(formed),
+    out.stats = {"chunks_asked": len(picked), "sentences_asked": len(jobs), "replies_formed": len(formed),
+                 "kept_train": len(out.train), "kept_dev": len(out.dev),
+                 "rejected_form": len(jobs) - len(formed),
                  "rejected_round_trip": len(formed) - len(out.train) - len(out.dev),
                  "round_trip_k": round_trip_k, "dev_chunks": len(held)}
     if log:
-        log(f"    {len(jobs)} sentences of {len(picked)} chunks asked: {len(formed)} replies read as questions, {len(out.train)} train and "
-            f"{len(out.dev)} dev questions passed the round trip (own chunk in the top {round_trip_k})")
+        log(f"    {len(jobs)} sentences of {len(picked)} chunks asked: {len(formed)} replies read as questions, "
+            f"{len(out.train)} train and {len(out.dev)} dev questions passed the round trip (own chunk in the top "
+            f"{round_trip_k})")
     return out
 
 

@@ -188,7 +188,8 @@ def split_gate(dev: list[dict], train_questions: list[dict], seed: int,
         extra = list(generated_dev)[:max(0, GATE_MAX - len(dev))]
         if not extra:
             return dev, train_questions, "dev split"
-        return dev + extra, train_questions, f"questions: {len(dev)} of the dev split and {len(extra)} {GENERATED_DEV}"
+        where = f"questions: {len(dev)} of the dev split and {len(extra)} {GENERATED_DEV}"
+        return dev + extra, train_questions, where
     if len(train_questions) >= GATE_MIN * 3:
         train, gate_q = split_questions(train_questions, GATE_SLICE, seed + 101)
         if len(gate_q) >= GATE_MIN:
