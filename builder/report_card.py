@@ -184,7 +184,10 @@ def bundle_card(bundle_dir: Path, manifest: dict, retriever, test_questions: Seq
     metrics = manifest.get("metrics", {})
     models = manifest.get("models", {})
     emb, llm = models.get("embedder", {}), models.get("llm", {})
-    names = {"dense": "fine-tuned embedder (dense)", "bm25": "BM25", "hybrid": "hybrid (the chosen fusion)",
+    # The bundle's embedder is the base one when its gate kept the fine-tune out: the label says which.
+    served_embedder = ("fine-tuned embedder (dense)" if emb.get("finetuned")
+                       else "base embedder, kept by the gate (dense)")
+    names = {"dense": served_embedder, "bm25": "BM25", "hybrid": "hybrid (the chosen fusion)",
              "base_dense": "base embedder (dense)"}
     retrieval = (report or {}).get("retrieval") or {names.get(k, k): v for k, v in metrics.get("retrieval", {}).items()
                                                       if isinstance(v, dict) and k != "served"}

@@ -247,6 +247,9 @@ def test_every_bundle_has_a_self_contained_report_card_of_its_test_split(tiny_bu
                     "recall@5 per document", "Training coverage", "Five answers side by side"):
         assert heading in page, heading
     assert manifest["models"]["llm"]["decision"].split(":")[0] in page
+    kept_base = not manifest["models"]["embedder"].get("finetuned")
+    assert ("base embedder, kept by the gate (dense)" in page) == kept_base
+    assert ("fine-tuned embedder (dense)" in page) == (not kept_base)
     assert "always_first" in page and "top_passage" in page and "f1_ci" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere: plots are inlined
     assert page.count("data:image/png;base64,") >= 2  # the loss curve and the per-document recall
