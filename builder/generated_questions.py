@@ -128,7 +128,7 @@ def generate(chunks: Sequence[Chunk], write: Write, rank: Callable[[Sequence[str
             picked[i] = rng.sample(options, min(per_chunk, len(options)))
     jobs: list[tuple[int, str, str]] = [  # (position, sentence, prompt name), round by round
         (i, sents[r], "dev" if i in held else "train")
-        for r in range(max(per_chunk, 0)) for i, sents in picked.items() if r < len(sents)]
+        for r in range(per_chunk) for i, sents in picked.items() if r < len(sents)]
     replies = write([PROMPTS[p].format(sentence=s) for _, s, p in jobs]) if jobs else []
     formed = [(job, q) for job, reply in zip(jobs, replies) if (q := clean_question(reply, job[1]))]
     ranked = rank([q for _, q in formed], round_trip_k) if formed else []
