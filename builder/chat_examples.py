@@ -6,7 +6,9 @@ answer. In most examples the passage that holds the answer (the "gold" chunk) is
 retrieved distractors, and the target quotes the answer and cites that passage ``[n]``. In a share of
 ``llm.p_gold_absent`` examples every chunk of the answer's document is taken out of the context, and the
 target is the refusal sentence, so the model learns to decline instead of guessing. In a share of
-``llm.shuffle_context`` examples (default none) the passages are put in a random order, as in RAFT.
+``llm.shuffle_context`` examples (default none) the passages are put in a random order, as in RAFT. Passages are
+cut to the bundle's budgets by the same query focus serving applies (``core.focus``): the adapter learns to read
+what it will be shown, and the examples are about a quarter shorter (COVID-QA plain: 550 tokens, not 749).
 
 Where the answers come from, in order of preference:
 - ``question``: the supervision the folder brings (its FAQ train split and ``--questions``), answer as given;
@@ -150,15 +152,29 @@ def _window(text: str, answer: str, words: int) -> str:
     return ("... " if begin else "") + piece + (" ..." if begin + words < len(parts) else "")
 
 
+def focused(focus, question: str, passages: list[dict], answer: str, keep: set[int]) -> list[dict]:
+    """The passages cut as serving cuts them (``core.focus.PassageFocus``), so the adapter trains on what it
+    will read; a gold passage (position in ``keep``) whose cut lost the answer is, instead, the window of its
+    budget's size around the answer (the target must quote what the context holds)."""
+    cut = focus.apply(question, passages)
+    wanted = normalize(answer)
+    for j in keep:
+        if wanted not in normalize(cut[j]["text"]):
+            words = max(MIN_PASSAGE_WORDS, focus.budget(j) * 3 // 4)  # about 0.75 words per LLM token
+            cut[j]["text"] = _window(passages[j]["text"], answer, words)
+    return cut
+
+
 def make_chat_examples(questions: Sequence[dict], chunks: Sequence[Chunk], rankings: Sequence[Sequence[int]],
                        context_chunks: int, p_gold_absent: float, seed: int = 0,
                        count: TokenCount | None = None, max_tokens: int | None = None,
-                       shuffle: float = 0.0) -> list[dict]:
+                       shuffle: float = 0.0, focus=None) -> list[dict]:
     """One chat example per question that some chunk answers.
 
     ``questions``: {"question", "answer", "source"?, "origin"?, "gold"? (chunk positions, else found here)};
     ``rankings``: the retriever's chunk positions for each question, best first (``Retriever.rank``);
-    ``shuffle``: share of examples whose passages are put in a random (seeded) order.
+    ``shuffle``: share of examples whose passages are put in a random (seeded) order;
+    ``focus``: the bundle's passage focus (``core.focus.PassageFocus``), applied as serving applies it.
     Returns rows {"messages", "question", "answer", "origin", "gold_in_context", "cited", "context_chunk_ids",
     "gold_chunk_ids"}; the last message is the assistant's target.
     """
@@ -193,8 +209,10 @@ def make_chat_examples(questions: Sequence[dict], chunks: Sequence[Chunk], ranki
         if not absent:
             target = cite(q["answer"], 1)  # the marker's width is what counts for fitting; renumbered below
         passages = [dict(_passage(chunks[i]), _at=j) for j, i in enumerate(context)]
+        keep = {j for j, i in enumerate(context) if i in gold}
+        if focus is not None and focus.enabled:
+            passages = focused(focus, q["question"], passages, q["answer"], keep)
         if count is not None and max_tokens:
-            keep = {j for j, i in enumerate(context) if i in gold}
             fitted = fit_context(q["question"], passages, target, keep, count, max_tokens)
             if fitted is None:
                 continue
@@ -226,10 +244,10 @@ def read_examples(path: str | Path) -> list[dict]:
 
 def build_chat_data(cfg, chunks: Sequence[Chunk], train_questions: Sequence[dict], retriever, out_path: Path,
                     count: TokenCount | None = None, wanted: int | None = None,
-                    generated: Sequence[dict] = (), exclude: Collection[int] = ()) -> list[dict]:
+                    generated: Sequence[dict] = (), exclude: Collection[int] = (), focus=None) -> list[dict]:
     """The build's chat data: supervised questions first, then the generated training questions
     (builder.generated_questions), then template pairs, up to ``wanted`` examples (what training will consume),
-    contexts from ``retriever``; written to ``out_path`` (JSONL)."""
+    contexts from ``retriever`` cut by ``focus`` as serving cuts them; written to ``out_path`` (JSONL)."""
     llm, dg = cfg.llm, cfg.datagen
     wanted = wanted if wanted is not None else llm.max_steps * llm.batch_size
     pool: list[dict] = [dict(q, origin="question") for q in train_questions]
@@ -241,7 +259,7 @@ def build_chat_data(cfg, chunks: Sequence[Chunk], train_questions: Sequence[dict
     rankings = [[i for i, _ in r] for r in _rank_all(retriever, [q["question"] for q in pool],
                                                       llm.context_chunks + EXTRA_CANDIDATES)]
     rows = make_chat_examples(pool, chunks, rankings, llm.context_chunks, llm.p_gold_absent, cfg.seed,
-                              count=count, max_tokens=llm.max_seq_len, shuffle=llm.shuffle_context)
+                              count=count, max_tokens=llm.max_seq_len, shuffle=llm.shuffle_context, focus=focus)
     write_examples(rows, out_path)
     return rows
 

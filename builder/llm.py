@@ -2,8 +2,8 @@
 
 The stage, in order:
 
-1. chat examples (``builder.chat_examples``) with contexts from the bundle's own retriever, written to
-   ``data/chat_train.jsonl``;
+1. chat examples (``builder.chat_examples``) with contexts from the bundle's own retriever, cut as serving cuts
+   them, written to ``data/chat_train.jsonl``;
 2. LoRA training (``builder.lora_trainer``), in-process, or under ``accelerate launch`` when
    ``llm.accelerate_config`` names a config; checkpoints live in ``OUT/.checkpoints/<key>`` (next to the
    bundles, outside the bundle's temporary folder, which a failed build deletes), keyed by the base model, the
@@ -82,21 +82,25 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
     gate_questions, train_questions, gate_from = split_gate(dev, train_questions, cfg.seed, generated.dev)
 
     requested = cfg.llm.max_steps
-    # The steps this folder trains for; the caller's config is left as it was asked for.
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, max_steps=training_steps(cfg.llm,
-                                                                                           len(train_questions))))
+    # The steps this folder trains for; the caller's config is left as it was asked for. Generated questions
+    # are supervision too: a plain folder trains on as many distinct examples as a FAQ of that size would.
+    supervised = len(train_questions) + len(generated.train)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, max_steps=training_steps(cfg.llm, supervised)))
     if cfg.llm.max_steps != requested:
-        say(f"    {cfg.llm.max_steps} LoRA steps for {len(train_questions)} supervised questions "
-            f"(llm.steps_per_question {cfg.llm.steps_per_question:g}, cap {cfg.llm.steps_cap or 'none'})")
+        say(f"    {cfg.llm.max_steps} LoRA steps for {supervised} training questions ({len(train_questions)} given, "
+            f"{len(generated.train)} generated; llm.steps_per_question {cfg.llm.steps_per_question:g}, "
+            f"cap {cfg.llm.steps_cap or 'none'})")
     tok = load_tokenizer(base)
 
     def count(messages: list[dict]) -> int:
         return len(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
 
+    # The passages cut as serving will cut them, for training and for both evaluations.
+    focus = focus_for(retriever, base, *passage_budgets(cfg))
     with step("chat examples"):
         rows = chat_examples.build_chat_data(cfg, chunks, train_questions, retriever, bundle_dir / CHAT_FILE,
                                              count=count, generated=generated.train,
-                                             exclude=generated.dev_chunks)
+                                             exclude=generated.dev_chunks, focus=focus)
         data_info = chat_examples.summarize(rows)
         say(f"    {data_info['examples']} examples {data_info['by_origin']}, "
             f"{data_info['gold_absent']} without the answer")
@@ -126,8 +130,6 @@ def run(cfg: BuildConfig, base: Path | str, chunks: list[Chunk], train_questions
 
         with step(f"int8 weights for serving on the CPU ({MERGED_W8A8_DIR})"):
             int8_dir = quantize_checkpoint(merged_dir, bundle_dir / MERGED_W8A8_DIR)
-
-    focus = focus_for(retriever, base, *passage_budgets(cfg))
 
     def answers(questions: list[dict], systems, label: str, rule: AbstentionRule | None = None,
                 fit: list[dict] | None = None) -> dict:
@@ -230,7 +232,7 @@ def passage_budgets(cfg: BuildConfig) -> tuple[int, int]:
 
 
 def training_steps(llm, supervised_questions: int) -> int:
-    """LoRA steps: ``max_steps``, raised to ``steps_per_question`` per supervised question, at most ``steps_cap``
+    """LoRA steps: ``max_steps``, raised to ``steps_per_question`` per training question, at most ``steps_cap``
     (which never cuts below ``max_steps``)."""
     want = math.ceil(llm.steps_per_question * supervised_questions) if llm.steps_per_question > 0 else 0
     if llm.steps_cap:

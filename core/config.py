@@ -155,9 +155,9 @@ class LLMConfig:
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                               "Modules that get LoRA adapters.")
     max_steps: int = _f(300, "Optimizer steps of LoRA training (the least, where steps_per_question asks for more).")
-    steps_per_question: float = _f(0.0, "Train for at least this many steps per supervised training question (FAQ "
-                                   "and --questions), so a folder with more supervision gets more training; "
-                                   "0: exactly max_steps.")
+    steps_per_question: float = _f(0.0, "Train for at least this many steps per training question (FAQ, "
+                                   "--questions and generated ones), so a folder with more supervision gets more "
+                                   "training; 0: exactly max_steps.")
     steps_cap: int = _f(0, "Most steps steps_per_question may ask for (0: no cap); bounds the stage's time.")
     batch_size: int = _f(8, "Examples per optimizer step (after gradient accumulation).")
     micro_batch_size: int = _f(8, "Examples per forward pass.")

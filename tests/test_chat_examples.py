@@ -193,3 +193,36 @@ def test_citation_is_numbered_after_distractors_are_dropped_to_fit():
     assert rows and any(len(r["context_chunk_ids"]) < 4 for r in rows)
     assert any(r["cited"][0] > 1 for r in rows)
     assert all(_cited_chunk_is_gold(r) for r in rows)
+
+
+def _focus(chunks: list[Chunk]):
+    from core.focus import PassageFocus
+
+    return PassageFocus.from_texts([c.text for c in chunks], lambda text: len(text.split()), 20, 14)
+
+
+def test_training_passages_are_cut_as_serving_cuts_them_and_the_gold_one_keeps_its_answer():
+    chunks = _long_corpus()
+    focus = _focus(chunks)
+    # The question shares its rare words with a sentence that is not the answer, so the served cut of the gold
+    # passage leaves the answer out; the training example must still hold what its target quotes.
+    questions = [dict(q, question=f"Which documents explain in plain words the records of every delivery ({k})?")
+                 for k, q in enumerate(_questions(chunks, 12))]
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+                                            p_gold_absent=0.0, seed=0, focus=focus)
+    assert rows
+    by_id = {c.chunk_id: c for c in chunks}
+    windowed = 0
+    for r in rows:
+        prompt = r["messages"][1]["content"]
+        gold = by_id[r["gold_chunk_ids"][0]]
+        for rank, cid in enumerate(r["context_chunk_ids"]):
+            served = focus.cut(by_id[cid].text, r["question"], focus.budget(rank))
+            assert served != by_id[cid].text  # every passage here is over its budget
+            if cid != gold.chunk_id:
+                assert served in prompt  # a distractor reads exactly as serving would show it
+            elif r["answer"] not in served:
+                windowed += 1
+        assert r["answer"] in prompt
+        assert len(prompt.split()) < sum(len(by_id[c].text.split()) for c in r["context_chunk_ids"]) / 2
+    assert windowed  # the case the window is for happened
