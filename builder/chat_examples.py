@@ -154,12 +154,13 @@ def _window(text: str, answer: str, words: int) -> str:
 
 def focused(focus, question: str, passages: list[dict], answer: str, keep: set[int]) -> list[dict]:
     """The passages cut as serving cuts them (``core.focus.PassageFocus``), so the adapter trains on what it
-    will read; a gold passage (position in ``keep``) whose cut lost the answer is, instead, the window of its
-    budget's size around the answer (the target must quote what the context holds)."""
+    will read; a gold passage (position in ``keep``) whose cut lost the answer it holds verbatim is, instead, the
+    window of its budget's size around the answer (the target must quote what the context holds). An answer
+    written in other words than its passage's (a FAQ's) has nothing to place a window on: its cut stays."""
     cut = focus.apply(question, passages)
     wanted = normalize(answer)
     for j in keep:
-        if wanted not in normalize(cut[j]["text"]):
+        if wanted in normalize(passages[j]["text"]) and wanted not in normalize(cut[j]["text"]):
             words = max(MIN_PASSAGE_WORDS, focus.budget(j) * 3 // 4)  # about 0.75 words per LLM token
             cut[j]["text"] = _window(passages[j]["text"], answer, words)
     return cut

@@ -226,3 +226,16 @@ def test_training_passages_are_cut_as_serving_cuts_them_and_the_gold_one_keeps_i
         assert r["answer"] in prompt
         assert len(prompt.split()) < sum(len(by_id[c].text.split()) for c in r["context_chunk_ids"]) / 2
     assert windowed  # the case the window is for happened
+
+
+def test_a_gold_passage_whose_answer_is_paraphrased_keeps_its_served_cut():
+    chunks = _long_corpus()
+    focus = _focus(chunks)
+    # A FAQ answer in other words than the document's: no window can be placed on it, so the passage reads as
+    # serving shows it, not as the start of the chunk.
+    q = {"question": "Which documents explain in plain words the records of every delivery?",
+         "answer": "Item 21 comes to twenty-one kilograms for each acre, figure 21.", "source": "doc2.md"}
+    rows = chat_examples.make_chat_examples([q], chunks, _rankings([q], chunks), context_chunks=3,
+                                            p_gold_absent=0.0, seed=0, focus=focus)
+    gold = next(c for c in chunks if c.chunk_id == rows[0]["gold_chunk_ids"][0])
+    assert focus.cut(gold.text, q["question"], focus.budget(0)) in rows[0]["messages"][1]["content"]
