@@ -170,8 +170,11 @@ class LLMConfig:
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every this many steps.")
     merge: bool = _f(False, "Also write merged full weights (llm/merged) for engines where LoRA kernels are slow.")
     max_new_tokens: int = _f(96, "Longest generated answer.")
-    min_gain: float = _f(0.0, "The adapter ships only if the 95% paired bootstrap interval of its F1 gain over the "
-                         "base, on the dev questions, lies wholly above this margin.")
+    min_gain: float = _f(0.0, "The adapter ships only if its F1 gain over the base, on the gate's questions, is "
+                         "above this (and see harm_margin).")
+    harm_margin: float = _f(0.05, "The adapter ships only if the 95% paired bootstrap interval of its F1 gain rules "
+                            "out a loss larger than this (its lower end above -harm_margin), besides min_gain. "
+                            "Demanding the whole interval above zero rejected real gains on 40-60 questions.")
     accelerate_config: str = _f("", "Train under `accelerate launch` with this config: a name from builder/accelerate/ "
                                 "(ddp, fsdp, deepspeed_zero2) or a path; empty: train in the build's own process.")
 
@@ -389,6 +392,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "llm.batch_size": (1, None), "llm.micro_batch_size": (1, None), "llm.learning_rate": (0, None),
     "llm.max_seq_len": (32, None), "llm.context_chunks": (1, None), "llm.p_gold_absent": (0, 1),
     "llm.shuffle_context": (0, 1), "llm.checkpoint_every": (1, None), "llm.max_new_tokens": (1, None),
+    "llm.harm_margin": (0, 1),
     "serve.tensor_parallel_size": (1, None), "serve.data_parallel_size": (1, None), "serve.max_model_len": (64, None),
     "serve.gpu_memory_utilization": (0.05, 1), "serve.cpu_kvcache_gib": (1, None),
     "eval.max_answer_questions": (0, None),

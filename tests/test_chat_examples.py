@@ -228,14 +228,32 @@ def test_training_passages_are_cut_as_serving_cuts_them_and_the_gold_one_keeps_i
     assert windowed  # the case the window is for happened
 
 
-def test_a_gold_passage_whose_answer_is_paraphrased_keeps_its_served_cut():
+def test_a_gold_passage_whose_answer_is_paraphrased_is_cut_around_the_sentence_it_says_again():
     chunks = _long_corpus()
     focus = _focus(chunks)
-    # A FAQ answer in other words than the document's: no window can be placed on it, so the passage reads as
-    # serving shows it, not as the start of the chunk.
+    # A FAQ answer in other words than the document's. The question's words pick other sentences, so the served
+    # cut leaves out the one the answer restates; the example must show that sentence (in the served form: the
+    # heading line, the kept sentences, gap marks), not the chunk's first words, nor a cut without it.
     q = {"question": "Which documents explain in plain words the records of every delivery?",
          "answer": "Item 21 comes to twenty-one kilograms for each acre, figure 21.", "source": "doc2.md"}
     rows = chat_examples.make_chat_examples([q], chunks, _rankings([q], chunks), context_chunks=3,
                                             p_gold_absent=0.0, seed=0, focus=focus)
     gold = next(c for c in chunks if c.chunk_id == rows[0]["gold_chunk_ids"][0])
-    assert focus.cut(gold.text, q["question"], focus.budget(0)) in rows[0]["messages"][1]["content"]
+    restated = "The figure for item 21 is 21 kilograms per acre."
+    assert restated in gold.text and restated not in focus.cut(gold.text, q["question"], focus.budget(0))
+    prompt = rows[0]["messages"][1]["content"]
+    assert restated in prompt
+    assert focus.cut(gold.text, f"{q['question']} {q['answer']}", focus.budget(0)) in prompt
+
+
+def test_a_gold_passage_whose_served_cut_holds_the_answer_is_left_as_served():
+    chunks = _long_corpus()
+    focus = _focus(chunks)
+    questions = _questions(chunks, 12)  # the question shares the answer sentence's rare words
+    rows = chat_examples.make_chat_examples(questions, chunks, _rankings(questions, chunks), context_chunks=3,
+                                            p_gold_absent=0.0, seed=0, focus=focus)
+    by_id = {c.chunk_id: c for c in chunks}
+    assert rows
+    for r in rows:
+        served = focus.cut(by_id[r["gold_chunk_ids"][0]].text, r["question"], focus.budget(0))
+        assert r["answer"] in served and served in r["messages"][1]["content"]

@@ -228,24 +228,33 @@ def _gate_report(base: list[float], tuned: list[float]) -> dict:
             "finetuned_vs_base": paired_bootstrap(tuned, base)}
 
 
-def test_gate_ships_only_an_adapter_whose_paired_interval_clears_the_margin():
+def test_gate_ships_only_an_adapter_whose_gain_clears_min_gain():
     base = [0.2, 0.4, 0.0, 0.6] * 10
     better = [f + 0.06 for f in base]  # the same gain on every question: an interval of one point
-    ship, why = llm.gate(_gate_report(base, better), 0.05, "dev split", 40)
+    ship, why = llm.gate(_gate_report(base, better), 0.05, 0.05, "dev split")
     assert ship and "0.360" in why and "0.300" in why and "interval [+0.060, +0.060]" in why
-    ship, why = llm.gate(_gate_report(base, better), 0.10, "dev split", 40)
-    assert not ship and why.startswith("rejected")
-    ship, why = llm.gate({}, 0.0, "none", 0)
+    ship, why = llm.gate(_gate_report(base, better), 0.10, 0.05, "dev split")
+    assert not ship and why.startswith("rejected") and "not above llm.min_gain 0.1" in why
+    ship, why = llm.gate({}, 0.0, 0.05, "none")
     assert ship and "no dev questions" in why
 
 
-def test_gate_keeps_the_base_when_a_higher_mean_is_not_shown_to_be_real():
+def test_gate_ships_a_gain_whose_interval_rules_out_harm_and_keeps_the_base_otherwise():
     base = [0.5] * 30
     noisy = [1.0, 0.0, 0.6] * 10  # mean 0.533 > 0.5, but a win on one question and a loss on the next
-    ship, why = llm.gate(_gate_report(base, noisy), 0.0, "dev split", 30)
-    assert not ship and "not shown to be real" in why
+    ship, why = llm.gate(_gate_report(base, noisy), 0.0, 0.05, "dev split")
+    assert not ship and "loss of more than llm.harm_margin 0.05" in why
+    # A real gain on most questions, a loss on a few: the interval crosses zero but rules out a loss of 0.05.
+    mixed = [0.7] * 12 + [0.4] * 18  # +0.02 on average
+    report = _gate_report(base, mixed)
+    assert -0.05 < report["finetuned_vs_base"]["ci"][0] < 0.0
+    ship, why = llm.gate(report, 0.0, 0.05, "dev split")
+    assert ship and "no loss of more than llm.harm_margin 0.05" in why
+    assert not llm.gate(report, 0.0, 0.02, "dev split")[0]  # a stricter margin keeps it out
+    worse = [0.45] * 30  # a steady loss is never shipped, however narrow its interval
+    assert not llm.gate(_gate_report(base, worse), 0.0, 0.05, "dev split")[0]
     steady = [0.6] * 30
-    assert llm.gate(_gate_report(base, steady), 0.0, "dev split", 30)[0]
+    assert llm.gate(_gate_report(base, steady), 0.0, 0.05, "dev split")[0]
 
 
 def test_training_questions_are_held_back_for_the_gate_only_when_nothing_else_is_held_out():
