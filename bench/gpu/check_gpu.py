@@ -140,6 +140,7 @@ def check_embedder(args, device: str) -> dict:
     except ImportError:  # sentence-transformers before 6
         from sentence_transformers.losses import MultipleNegativesRankingLoss
 
+    made = None  # a temporary model folder of this check's own, removed when it is done
     if args.small:
         import tempfile
 
@@ -147,8 +148,10 @@ def check_embedder(args, device: str) -> dict:
 
         path = build_tiny_bert([f"passage {i} about soil and maize and rain" for i in range(200)],
                                Path(tempfile.mkdtemp(prefix="check-emb-")) / "tiny")
+        made = Path(path).parent
     elif args.emb_shape:
         path = random_embedder(Path(args.emb_shape))
+        made = path.parent
     else:
         from core.models import resolve_embedder
 
@@ -176,6 +179,10 @@ def check_embedder(args, device: str) -> dict:
         model.encode(passages * 4, batch_size=args.emb_batch, show_progress_bar=False)
         _sync(device)
         encode_s = time.perf_counter() - start
+    if made is not None:
+        import shutil
+
+        shutil.rmtree(made, ignore_errors=True)
     return {"model": Path(str(path)).name, "batch": args.emb_batch, "steps": len(times), "step_s": round(step_s, 4),
             "pairs_per_s": round(args.emb_batch / step_s, 1), "encode_per_s": round(4 * len(passages) / encode_s, 1)}
 
