@@ -152,11 +152,6 @@ def _window(text: str, answer: str, words: int) -> str:
     return ("... " if begin else "") + piece + (" ..." if begin + words < len(parts) else "")
 
 
-def _answer_weight(focus, answer_terms: set[str], text: str) -> float:
-    """How much of the answer's words ``text`` holds, each weighed by its IDF as the focus weighs them."""
-    return sum(focus.idf(t) for t in answer_terms & focus.stats.terms(text))
-
-
 def focused(focus, question: str, passages: list[dict], answer: str, keep: set[int]) -> list[dict]:
     """The passages cut as serving cuts them (``core.focus.PassageFocus``), so the adapter trains on what it
     will read. A gold passage (position in ``keep``) whose served cut holds less of the answer's words than the
@@ -170,7 +165,8 @@ def focused(focus, question: str, passages: list[dict], answer: str, keep: set[i
     answer_terms = focus.stats.terms(answer)
     for j in keep:
         text = passages[j]["text"]
-        if _answer_weight(focus, answer_terms, cut[j]["text"]) < _answer_weight(focus, answer_terms, text):
+        kept = focus.shared_weight(answer_terms, focus.stats.terms(cut[j]["text"]))
+        if kept < focus.shared_weight(answer_terms, focus.stats.terms(text)):
             cut[j]["text"] = focus.cut(text, f"{question} {answer}", focus.budget(j))
         if wanted in normalize(text) and wanted not in normalize(cut[j]["text"]):
             words = max(MIN_PASSAGE_WORDS, focus.budget(j) * 3 // 4)  # about 0.75 words per LLM token

@@ -50,6 +50,11 @@ class PassageFocus:
     def idf(self, term: str) -> float:
         return self.stats.idf(term)
 
+    def shared_weight(self, terms: set[str], other) -> float:
+        """The IDF mass of the ``terms`` that ``other`` (terms of a sentence or a passage) holds too: how a
+        sentence is weighed for a query, and (builder.chat_examples) how much of an answer a cut kept."""
+        return sum(self.idf(t) for t in terms & set(other))
+
     def budget(self, rank: int) -> int:
         """The token budget of the passage at 0-based ``rank``."""
         return self.first_tokens if rank == 0 else self.other_tokens
@@ -67,8 +72,7 @@ class PassageFocus:
         if not sentences:
             return text
         terms = self.stats.terms(query)
-        weights = [sum(self.idf(t) for t in terms & set(toks))
-                   for toks in bm25_tokenize(sentences, self.stats.stemmer)]
+        weights = [self.shared_weight(terms, toks) for toks in bm25_tokenize(sentences, self.stats.stemmer)]
         left = budget - (self.count(head) if head else 0)
         keep: list[int] = []
         for i in sorted(range(len(sentences)), key=lambda i: (-weights[i], i)):
