@@ -244,7 +244,7 @@ def test_gate_ships_a_gain_whose_interval_rules_out_harm_and_keeps_the_base_othe
     noisy = [1.0, 0.0, 0.6] * 10  # mean 0.533 > 0.5, but a win on one question and a loss on the next
     ship, why = llm.gate(_gate_report(base, noisy), 0.0, 0.05, "dev split")
     assert not ship and "loss of more than llm.harm_margin 0.05" in why
-    # A real gain on most questions, a loss on a few: the interval crosses zero but rules out a loss of 0.05.
+    # A large gain on 12 questions, a small loss on 18: the interval crosses zero but rules out a loss of 0.05.
     mixed = [0.7] * 12 + [0.4] * 18  # +0.02 on average
     report = _gate_report(base, mixed)
     assert -0.05 < report["finetuned_vs_base"]["ci"][0] < 0.0
